@@ -1,0 +1,93 @@
+"""The one runtime configuration object, built from the environment at start-up (contract §1).
+
+Every process (worker, CLI, tests) builds a `Config` once and passes it down; nothing else reads
+the environment. It is frozen, validated, and never logged with its password.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Input, output and reference topics, before `TOPIC_PREFIX`.
+INPUT_TOPICS = ("clicks", "shares", "orders", "refunds")
+DEAD_LETTERS_TOPIC = "dead-letters"
+REFERENCE_TOPICS = ("ref-programs", "ref-affiliates", "ref-settings")
+#: Internal topics the worker owns: visitor-keyed clicks+orders, order-keyed ledger input.
+VISITOR_EVENTS_TOPIC = "visitor-events"
+LEDGER_EVENTS_TOPIC = "ledger-events"
+
+
+class ClickHouseTarget:
+    """A parsed `clickhouse://user:password@host:port/database` URL."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("clickhouse", "clickhouses"):
+            raise ValueError(f"CLICKHOUSE_URL must start with clickhouse://, got {parsed.scheme!r}")
+        self.host = parsed.hostname or "localhost"
+        self.port = parsed.port or (9440 if parsed.scheme == "clickhouses" else 9000)
+        self.user = unquote(parsed.username or "default")
+        self.password = SecretStr(unquote(parsed.password or ""))
+        self.database = (parsed.path or "/").lstrip("/") or "attribution"
+        self.secure = parsed.scheme == "clickhouses"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.database):
+            raise ValueError(f"ClickHouse database name {self.database!r} is not a plain identifier")
+
+    def __repr__(self) -> str:  # never shows the password
+        return f"clickhouse://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", case_sensitive=False)
+
+    kafka_bootstrap: str = Field("localhost:9092", validation_alias="KAFKA_BOOTSTRAP")
+    topic_prefix: str = Field("", validation_alias="TOPIC_PREFIX")
+    clickhouse_url: SecretStr = Field(
+        SecretStr("clickhouse://default@localhost:9000/attribution"),
+        validation_alias="CLICKHOUSE_URL",
+    )
+    metrics_port: int = Field(9102, ge=0, le=65535, validation_alias="METRICS_PORT")
+
+    # Project settings beyond the contract.
+    partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")
+    replication_factor: int = Field(1, ge=1, validation_alias="ATTRIBUTION_REPLICATION_FACTOR")
+    state_dir: Path = Field(Path(".stack/worker-state"), validation_alias="ATTRIBUTION_STATE_DIR")
+    #: Rows per ClickHouse insert and the longest a row waits in a batch.
+    batch_size: int = Field(5000, ge=1, validation_alias="ATTRIBUTION_BATCH_SIZE")
+    batch_seconds: float = Field(0.5, gt=0, validation_alias="ATTRIBUTION_BATCH_SECONDS")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("TOPIC_PREFIX may only contain letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _url_parses(cls, value: SecretStr) -> SecretStr:
+        ClickHouseTarget(value.get_secret_value())
+        return value
+
+    @cached_property
+    def clickhouse(self) -> ClickHouseTarget:
+        return ClickHouseTarget(self.clickhouse_url.get_secret_value())
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def app_id(self) -> str:
+        """Faust app id and consumer group: derived from the prefix so workers stay apart."""
+        suffix = re.sub(r"[^A-Za-z0-9_-]", "-", self.topic_prefix).strip("-")
+        return f"attribution-{suffix}" if suffix else "attribution"
+
+    @classmethod
+    def from_env(cls) -> "Config":
+        return cls()  # type: ignore[call-arg]

@@ -1,0 +1,209 @@
+"""Abuse flags of an attributed order (contract §6) and the status they give its accrual.
+
+Pure functions over frozen records: no Faust, Kafka or ClickHouse, no clock. Code velocity needs
+memory across orders; it is a pure state transition (`record_redemption`) over a small frozen
+`CodeRedemptions` record that the stream layer keeps per code. A flag never changes who earns
+the order; it only holds or rejects the commission.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from schemas.events import Order
+from schemas.facts import AbuseFlag, Attribution, CodeRedemptions, FactStatus, Touch
+from schemas.reference import (
+    DEFAULT_VELOCITY_WINDOW_MINUTES,
+    Affiliate,
+    ReferenceData,
+    Settings,
+    Velocity,
+    normalise_code,
+)
+
+from .attribution import referrer_host
+
+#: A leaked code is flagged once more than `max_customers` (20 by default) use it within the
+#: window, long before this many uses. The cap only bounds the table value of a code that went
+#: viral; the newest uses are kept, so a flagged code stays flagged. Velocity limits above this
+#: many customers per window are not supported.
+MAX_REDEMPTIONS_PER_CODE = 10_000
+
+_CODE_METHODS = ("code", "code+click")
+_CLICK_METHODS = ("last_click", "code+click")
+
+
+def coupon_site_of(host: str, sites: Iterable[str]) -> str | None:
+    """The coupon site `host` is, or is a subdomain of; None if it is none of them."""
+    host = referrer_host(host)
+    if not host:
+        return None
+    for site in sites:
+        # Sites are normalised like referrers, so "RetailMeNot.com" or a full URL still match.
+        site_host = referrer_host(site)
+        if site_host and (host == site_host or host.endswith("." + site_host)):
+            return site_host
+    return None
+
+
+def host_matches(host: str, sites: Iterable[str]) -> bool:
+    """True when `host` equals one of `sites` or is a subdomain of one (not a mere suffix)."""
+    return coupon_site_of(host, sites) is not None
+
+
+def self_referral(order: Order, affiliate: Affiliate) -> AbuseFlag | None:
+    """Reject: the affiliate earning the order is the customer who placed it."""
+    customer = order.customer_id.strip()
+    if customer and customer == affiliate.customer_id.strip():
+        return AbuseFlag(
+            "self_referral",
+            "reject",
+            f"customer {customer} is affiliate {affiliate.affiliate_id}'s own customer account",
+        )
+    return None
+
+
+def coupon_site_referrer(
+    order: Order, attribution: Attribution, latest_touch: Touch | None, ref: ReferenceData
+) -> AbuseFlag | None:
+    """Hold: an affiliate's code used by a visitor coming from a coupon site (a leaked code).
+
+    Looks at the order's own referrer and at the referrer of the visitor's latest click
+    (`latest_touch`, whoever it was for). Only orders attributed through a code are concerned.
+    """
+    if attribution.method not in _CODE_METHODS:
+        return None
+    sites = ref.settings.coupon_sites
+    found: list[str] = []
+    order_host = referrer_host(order.referrer)
+    order_site = coupon_site_of(order_host, sites)
+    if order_site is not None:
+        found.append(f"order referrer {order_host} is coupon site {order_site}")
+    if latest_touch is not None:
+        click_site = coupon_site_of(latest_touch.referrer_host, sites)
+        if click_site is not None:
+            found.append(
+                f"latest click {latest_touch.event_id} came from {latest_touch.referrer_host},"
+                f" coupon site {click_site}"
+            )
+    if not found:
+        return None
+    code = normalise_code(order.discount_code)
+    return AbuseFlag("coupon_site_referrer", "hold", f"code {code}: " + "; ".join(found))
+
+
+def fast_conversion(
+    order: Order, attribution: Attribution, settings: Settings
+) -> AbuseFlag | None:
+    """Hold: the order came less than `fast_conversion_seconds` after its attributing click.
+
+    Exactly the threshold is not flagged ("<", contract §6).
+    """
+    click = attribution.click
+    if attribution.method not in _CLICK_METHODS or click is None:
+        return None
+    elapsed = order.ts - click.ts
+    if elapsed < timedelta(seconds=settings.fast_conversion_seconds):
+        return AbuseFlag(
+            "fast_conversion",
+            "hold",
+            f"order {elapsed.total_seconds():g} s after click {click.event_id},"
+            f" minimum {settings.fast_conversion_seconds} s",
+        )
+    return None
+
+
+def velocity_horizon(ref: ReferenceData) -> timedelta:
+    """How long a redemption can matter: the longest velocity window of any program (>= 60 min).
+
+    The `window` to give `record_redemption`, since one code's owner may change program.
+    """
+    minutes = max(
+        (p.velocity.window_minutes for p in ref.programs.values()),
+        default=DEFAULT_VELOCITY_WINDOW_MINUTES,
+    )
+    return timedelta(minutes=max(minutes, DEFAULT_VELOCITY_WINDOW_MINUTES))
+
+
+def record_redemption(
+    state: CodeRedemptions, ts: datetime, customer_id: str, window: timedelta
+) -> CodeRedemptions:
+    """`state` with one more use of its code, and without uses that can no longer count.
+
+    Keeps the uses in (newest ts - window, newest ts], sorted by (ts, customer_id). Recording
+    the same (ts, customer_id) twice changes nothing, so replaying an order is harmless.
+    """
+    entry = (ts, customer_id)
+    known = state.redemptions
+    position = bisect_left(known, entry)
+    if position < len(known) and known[position] == entry:
+        return state
+    merged = (*known[:position], entry, *known[position:])
+    newest = merged[-1][0]
+    first_recent = bisect_right(merged, newest - window, key=_redemption_ts)
+    first_kept = max(first_recent, len(merged) - MAX_REDEMPTIONS_PER_CODE)
+    return CodeRedemptions(state.code, merged[first_kept:])
+
+
+def _redemption_ts(redemption: tuple[datetime, str]) -> datetime:
+    return redemption[0]
+
+
+def code_velocity(
+    state: CodeRedemptions, order_ts: datetime, velocity: Velocity
+) -> AbuseFlag | None:
+    """Hold: more than `max_customers` distinct customers used the code in (O.ts - window, O.ts].
+
+    `state` must already include the order being checked (record it first).
+    """
+    window_start = order_ts - timedelta(minutes=velocity.window_minutes)
+    customers = {c for ts, c in state.redemptions if window_start < ts <= order_ts}
+    if len(customers) > velocity.max_customers:
+        return AbuseFlag(
+            "code_velocity",
+            "hold",
+            f"{len(customers)} distinct customers in {velocity.window_minutes} min,"
+            f" limit {velocity.max_customers}",
+        )
+    return None
+
+
+def flags_for_order(
+    order: Order,
+    attribution: Attribution,
+    affiliate: Affiliate | None,
+    latest_touch: Touch | None,
+    ref: ReferenceData,
+    redemptions: CodeRedemptions | None,
+) -> tuple[AbuseFlag, ...]:
+    """Every flag that applies to an attributed order, in the order of contract §6's table.
+
+    `affiliate` is the attributed one; `latest_touch` the visitor's latest click at or before
+    the order (`attribution.latest_touch`); `redemptions` the order's code uses including this
+    order, or None when the order has no code. Unattributed orders get no flags.
+    """
+    if attribution.method == "none" or affiliate is None:
+        return ()
+    program = ref.program_of(affiliate)
+    velocity = program.velocity if program is not None else Velocity()
+    candidates = (
+        self_referral(order, affiliate),
+        coupon_site_referrer(order, attribution, latest_touch, ref),
+        code_velocity(redemptions, order.ts, velocity)
+        if redemptions is not None and attribution.method in _CODE_METHODS
+        else None,
+        fast_conversion(order, attribution, ref.settings),
+    )
+    return tuple(flag for flag in candidates if flag is not None)
+
+
+def status_for(flags: Iterable[AbuseFlag]) -> FactStatus:
+    """The accrual's status: rejected beats held beats pending (contract §5)."""
+    severities = {flag.severity for flag in flags}
+    if "reject" in severities:
+        return "rejected"
+    if "hold" in severities:
+        return "held"
+    return "pending"

@@ -1,0 +1,122 @@
+"""The commission ledger of one order (contract §5) as pure state transitions.
+
+Each step takes the order's `OrderLedger` and an input (the decided order, a refund, the
+pipeline's event time) and returns the new ledger and the fact to append, if any. Facts are never
+updated: every fact_id is a function of the order and the input that caused it, so replaying the
+same inputs writes the same ids. No Faust, Kafka or ClickHouse, no clock here: "now" is the
+watermark the caller passes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from schemas.events import Order, Refund
+from schemas.facts import AbuseFlag, Attribution, CommissionFact, OrderLedger
+from schemas.reference import Program
+
+from .abuse import status_for
+from .money import ZERO, round_cents
+
+
+def lock_end(order_ts: datetime, program: Program) -> datetime:
+    """When the order's commission locks: refunds before it reverse, refunds after claw back."""
+    return order_ts + timedelta(days=program.lock_days)
+
+
+def open_ledger(
+    order: Order,
+    attribution: Attribution,
+    program: Program,
+    commission: Decimal,
+    flags: Iterable[AbuseFlag],
+) -> tuple[OrderLedger, CommissionFact]:
+    """The ledger of a newly attributed order and its accrual fact.
+
+    The accrual is `commission` (0.00 when a flag rejects the order), with status pending, held
+    or rejected from the flags.
+    """
+    status = status_for(flags)
+    amount = ZERO if status == "rejected" else round_cents(commission)
+    ledger = OrderLedger(
+        order_id=order.order_id,
+        affiliate_id=attribution.affiliate_id,
+        program_id=program.program_id,
+        currency=order.currency,
+        total=order.total,
+        commission=amount,
+        status=status,
+        order_ts=order.ts,
+        lock_end=lock_end(order.ts, program),
+    )
+    accrual = CommissionFact(
+        fact_id=f"{order.order_id}:accrual",
+        order_id=order.order_id,
+        affiliate_id=attribution.affiliate_id,
+        program_id=program.program_id,
+        kind="accrual",
+        amount=amount,
+        currency=order.currency,
+        status=status,
+        ts=order.ts,
+    )
+    return ledger, accrual
+
+
+def apply_refund(ledger: OrderLedger, refund: Refund) -> tuple[OrderLedger, CommissionFact | None]:
+    """Reverse the refunded share of the commission: -(commission x refund / total), rounded.
+
+    Each refund is rounded on its own (contract §5) and capped at what is left, so the net
+    commission never goes below 0.00. No fact when nothing moves: a zero total or commission
+    (e.g. rejected), nothing left to reverse, or a refund too small to reverse a cent.
+    `refund.amount` is taken in the order's currency. The caller deduplicates refunds by
+    event_id: applying one refund twice reverses twice (with the same fact_id).
+    """
+    remaining = ledger.commission - ledger.reversed_total
+    if ledger.total <= 0 or ledger.commission <= 0 or remaining <= 0:
+        return ledger, None
+    reversal = min(round_cents(ledger.commission * refund.amount / ledger.total), remaining)
+    if reversal <= 0:
+        return ledger, None
+    fact = CommissionFact(
+        fact_id=f"{ledger.order_id}:reversal:{refund.event_id}",
+        order_id=ledger.order_id,
+        affiliate_id=ledger.affiliate_id,
+        program_id=ledger.program_id,
+        kind="reversal",
+        amount=-reversal,
+        currency=ledger.currency,
+        # A refund at exactly lock_end comes after the approval (approve_if_due: watermark >=
+        # lock_end), so it claws back.
+        status="reversed" if refund.ts < ledger.lock_end else "clawback",
+        ts=refund.ts,
+    )
+    return replace(ledger, reversed_total=ledger.reversed_total + reversal), fact
+
+
+def approve_if_due(
+    ledger: OrderLedger, watermark: datetime
+) -> tuple[OrderLedger, CommissionFact | None]:
+    """Approve a pending order once the pipeline's event time reaches its lock end; only once.
+
+    Held and rejected orders are never approved here: a person decides. An order fully reversed
+    before its lock end is still approved: the 0.00 approval line closes it, and a BI query can
+    tell "approved with net 0" from "still open".
+    """
+    if ledger.approved or ledger.status != "pending" or watermark < ledger.lock_end:
+        return ledger, None
+    fact = CommissionFact(
+        fact_id=f"{ledger.order_id}:approval",
+        order_id=ledger.order_id,
+        affiliate_id=ledger.affiliate_id,
+        program_id=ledger.program_id,
+        kind="approval",
+        amount=ZERO,
+        currency=ledger.currency,
+        status="approved",
+        ts=ledger.lock_end,
+    )
+    return replace(ledger, approved=True), fact

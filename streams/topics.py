@@ -1,0 +1,70 @@
+"""The project's Kafka topics, created explicitly (the broker runs with auto-create off).
+
+Faust declares its own internal topics (table changelogs, the assignor's topic) when the worker
+starts; everything else is created here, honouring `TOPIC_PREFIX` and the partition count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from schemas.config import (
+    DEAD_LETTERS_TOPIC,
+    INPUT_TOPICS,
+    LEDGER_EVENTS_TOPIC,
+    REFERENCE_TOPICS,
+    VISITOR_EVENTS_TOPIC,
+    Config,
+)
+
+#: Reference topics keep the latest value per id forever: they are the source of truth that a
+#: new worker reads from the beginning.
+COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+#: Dead letters are kept 30 days so an operator has time to look at them and replay.
+DEAD_LETTER_RETENTION = {"retention.ms": str(30 * 24 * 3600 * 1000)}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(config: Config) -> list[TopicSpec]:
+    n = config.partitions
+    specs = [TopicSpec(config.topic(t), n) for t in INPUT_TOPICS]
+    specs.append(TopicSpec(config.topic(DEAD_LETTERS_TOPIC), n, DEAD_LETTER_RETENTION))
+    # One partition: reference data is small and is read whole by every worker.
+    specs += [TopicSpec(config.topic(t), 1, COMPACTED) for t in REFERENCE_TOPICS]
+    specs.append(TopicSpec(config.topic(VISITOR_EVENTS_TOPIC), n))
+    specs.append(TopicSpec(config.topic(LEDGER_EVENTS_TOPIC), n))
+    specs.append(TopicSpec(config.topic("abuse-flags"), n))
+    return specs
+
+
+def ensure_topics(config: Config, progress: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = KafkaAdminClient(bootstrap_servers=config.kafka_bootstrap, client_id="attribution-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [spec for spec in topic_specs(config) if spec.name not in existing]
+        if not missing:
+            return []
+        new = [
+            NewTopic(s.name, s.partitions, config.replication_factor, topic_configs=s.config)
+            for s in missing
+        ]
+        try:
+            admin.create_topics(new, timeout_ms=30_000)
+        except TopicAlreadyExistsError:
+            pass  # another process created some of them meanwhile: that is the goal
+        for spec in missing:
+            progress(f"created topic {spec.name} ({spec.partitions} partitions)")
+        return [s.name for s in missing]
+    finally:
+        admin.close()
