@@ -11,14 +11,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from schemas.config import ClickHouseTarget
 
 MIGRATIONS_TABLE = "schema_migrations"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 class Executor(Protocol):
-    def __call__(self, sql: str) -> list[tuple[object, ...]]: ...
+    """Runs one statement; `rows` are the data of an `INSERT ... VALUES` statement."""
+
+    def __call__(self, sql: str, rows: list[tuple[object, ...]] | None = None) -> list[tuple[object, ...]]: ...
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,22 @@ def migrate(
         for statement in migration.statements(database):
             execute(statement)
         execute(
-            f"INSERT INTO {database}.{MIGRATIONS_TABLE} (version, name) "
-            f"VALUES ({migration.version}, '{migration.name}')"
+            f"INSERT INTO {database}.{MIGRATIONS_TABLE} (version, name) VALUES",
+            [(migration.version, migration.name)],
         )
         done.append(migration)
     return done
+
+
+def migrate_server(target: "ClickHouseTarget", progress: Callable[[str], None] = lambda _: None) -> list[Migration]:
+    """`migrate` against a ClickHouse server over the native protocol."""
+    from .clickhouse import connect
+
+    client = connect(target, with_database=False)
+    try:
+        def execute(sql: str, rows: list[tuple[object, ...]] | None = None) -> list[tuple[object, ...]]:
+            return client.execute(sql, rows) if rows is not None else client.execute(sql)  # type: ignore[no-any-return]
+
+        return migrate(execute, target.database, progress)
+    finally:
+        client.disconnect()

@@ -13,6 +13,7 @@ from typing import Any
 from schemas.events import Click, Share
 from schemas.facts import CommissionFact
 from schemas.internal import DecidedOrder
+from schemas.reference import normalise_code
 
 from .clickhouse import Table
 
@@ -66,7 +67,7 @@ def share_row(share: Share) -> tuple[Any, ...]:
 def order_row(order: DecidedOrder) -> tuple[Any, ...]:
     return (order.order_id, _utc(order.ts), order.visitor_id, order.customer_id,
             order.affiliate_id, order.program_id, order.method, order.click_event_id,
-            order.channel, order.discount_code, order.total.quantize(CENT, ROUND_HALF_UP),
+            order.channel, normalise_code(order.discount_code), order.total.quantize(CENT, ROUND_HALF_UP),
             order.currency, order.commission, [f.reason for f in order.flags], order.status, 0)
 
 
@@ -77,7 +78,7 @@ def fact_row(fact: CommissionFact, channel: str, order_ts: datetime) -> tuple[An
 
 def flag_rows(order: DecidedOrder) -> list[tuple[Any, ...]]:
     return [
-        (order.order_id, _utc(order.ts), order.affiliate_id, order.discount_code, flag.reason,
+        (order.order_id, _utc(order.ts), order.affiliate_id, normalise_code(order.discount_code), flag.reason,
          flag.severity, flag.detail)
         for flag in order.flags
     ]

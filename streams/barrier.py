@@ -19,6 +19,8 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from .kafka_meta import partitions_of
+
 log = logging.getLogger(__name__)
 
 #: How often to re-read the committed offsets while waiting: well below the 0.5 s commit interval.
@@ -42,9 +44,7 @@ class ClickBarrier:
             client_id=f"{self.group_id}-barrier",
         )
         await self._consumer.start()
-        await self._consumer.topics()
-        partitions = self._consumer.partitions_for_topic(self.clicks_topic) or set()
-        self._partitions = [TopicPartition(self.clicks_topic, p) for p in sorted(partitions)]
+        self._partitions = await partitions_of(self._consumer, self.clicks_topic)
         self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await self._admin.start()
 

@@ -12,11 +12,13 @@ import asyncio
 import logging
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas.config import Config
 from schemas.reference import Affiliate, Program, ReferenceData, Settings
 from schemas.validation import InvalidReference, parse_affiliate, parse_program, parse_settings
+
+from .kafka_meta import partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,7 @@ class ReferenceReader:
         )
         await consumer.start()
         try:
-            await consumer.topics()  # loads cluster metadata
-            partitions = [
-                TopicPartition(topic, p)
-                for topic in self._topics
-                for p in sorted(consumer.partitions_for_topic(topic) or ())
-            ]
-            missing = [t for t in self._topics if not consumer.partitions_for_topic(t)]
-            if missing:
-                raise RuntimeError(f"reference topics missing: {missing} (run the worker's topic setup)")
+            partitions = [tp for topic in self._topics for tp in await partitions_of(consumer, topic)]
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
             initial_end = await consumer.end_offsets(partitions)

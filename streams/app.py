@@ -1,0 +1,185 @@
+"""The Faust app: topics, tables and agents wired to the stages. No business logic here.
+
+Error policy (faust acks an event whose agent raised, i.e. silently skips it, so nothing may
+escape an agent):
+- invalid input -> dead-letters (in the ingest stage), never an exception;
+- transient failure (ClickHouse down) -> retried in place by the sink, the agent just waits;
+- anything else -> fatal: logged, then the process exits at once *without* committing offsets,
+  so the batch is processed again after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import faust
+
+from schemas.config import (
+    DEAD_LETTERS_TOPIC,
+    LEDGER_EVENTS_TOPIC,
+    VISITOR_EVENTS_TOPIC,
+    Config,
+)
+from sinks.clickhouse import RowSink
+from sinks.rows import TABLES
+
+from .barrier import ClickBarrier
+from .ingest import Validator, forward
+from .join import JoinStage
+from .ledger import LedgerStage
+from .reference import ReferenceReader
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker stopped by an error it must not skip past (EX_SOFTWARE).
+FATAL_EXIT_CODE = 70
+#: Commit offsets every 0.5 s: orders wait for click commits (see barrier.py), so this bounds the
+#: extra order latency; Faust's default 2.8 s would eat the whole latency budget.
+COMMIT_INTERVAL_SECONDS = 0.5
+
+
+def fatal(exc: BaseException) -> None:
+    log.critical("fatal error, stopping without committing offsets: %r", exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(FATAL_EXIT_CODE)
+
+
+async def flush_in_thread(sink: RowSink) -> None:
+    """ClickHouse I/O is blocking: keep it off the event loop so Kafka heartbeats go on."""
+    await asyncio.to_thread(sink.flush)
+
+
+def create_app(config: Config) -> faust.App:
+    bootstrap = ";".join(f"kafka://{host.strip()}" for host in config.kafka_bootstrap.split(","))
+    # One directory per app id: workers with different prefixes never share RocksDB files.
+    state_dir = Path(config.state_dir).resolve() / config.app_id
+    state_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        config.app_id,
+        broker=bootstrap,
+        store="rocksdb://",
+        datadir=str(state_dir),
+        topic_partitions=config.partitions,
+        topic_replication_factor=config.replication_factor,
+        topic_allow_declare=True,
+        web_enabled=False,
+        broker_commit_interval=COMMIT_INTERVAL_SECONDS,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_linger=0.005,
+        stream_buffer_maxsize=max(4096, config.batch_size * 2),
+        table_standby_replicas=0,
+        # 10 s: after a crash the group waits this long for the dead member before rebalancing;
+        # heartbeats run on their own task, so a ClickHouse outage does not expire the session.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
+        autodiscover=False,
+    )
+
+    def raw_topic(name: str) -> Any:
+        return app.topic(
+            config.topic(name), key_type=bytes, value_type=bytes,
+            key_serializer="raw", value_serializer="raw",
+        )
+
+    clicks, shares, orders, refunds = (raw_topic(n) for n in ("clicks", "shares", "orders", "refunds"))
+    dead_letters = raw_topic(DEAD_LETTERS_TOPIC)
+    visitor_events = raw_topic(VISITOR_EVENTS_TOPIC)
+    ledger_events = raw_topic(LEDGER_EVENTS_TOPIC)
+
+    touches = app.Table(
+        "touches", default=None, partitions=config.partitions,
+        key_type=bytes, value_type=bytes,
+    )
+    order_ledgers = app.Table(
+        "order-ledgers", default=None, partitions=config.partitions,
+        key_type=bytes, value_type=bytes,
+    )
+
+    reference = ReferenceReader(config)
+    barrier = ClickBarrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"))
+
+    def sink() -> RowSink:
+        return RowSink(config.clickhouse, TABLES)
+
+    join_stage = JoinStage(
+        config.topic(VISITOR_EVENTS_TOPIC), touches, ledger_events, sink(),
+        lambda: reference.snapshot, flush_in_thread,
+    )
+    ledger_stage = LedgerStage(
+        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), flush_in_thread
+    )
+    shares_sink = sink()
+
+    def batches(stream: Any) -> Any:
+        return stream.take_events(config.batch_size, within=config.batch_seconds)
+
+    def guarded(name: str, body: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """Run `body` for every batch; any exception is fatal (see the module docstring)."""
+
+        async def agent(stream: Any) -> None:
+            await reference.ready.wait()
+            try:
+                async for events in batches(stream):
+                    await body(events)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - must not be acked past
+                fatal(exc)
+
+        agent.__name__ = agent.__qualname__ = name.replace("-", "_")
+        return agent
+
+    click_validator = Validator("clicks", "click", dead_letters)
+    share_validator = Validator("shares", "share", dead_letters)
+    order_validator = Validator("orders", "order", dead_letters)
+    refund_validator = Validator("refunds", "refund", dead_letters)
+
+    async def ingest_clicks(events: Any) -> None:
+        await forward(visitor_events, await click_validator.split(events), "visitor_id")
+
+    async def ingest_shares(events: Any) -> None:
+        from sinks.rows import share_row
+
+        for item in await share_validator.split(events):
+            shares_sink.add("shares", share_row(item.event))  # type: ignore[arg-type]
+        await flush_in_thread(shares_sink)
+
+    barrier_started = asyncio.Lock()
+    barrier_ready: list[bool] = []
+
+    async def ingest_orders(events: Any) -> None:
+        valid = await order_validator.split(events)
+        if not valid:
+            return
+        async with barrier_started:
+            if not barrier_ready:
+                await barrier.start()
+                barrier_ready.append(True)
+        await barrier.wait_for_earlier_clicks()
+        await forward(visitor_events, valid, "visitor_id")
+
+    async def ingest_refunds(events: Any) -> None:
+        await forward(ledger_events, await refund_validator.split(events), "order_id")
+
+    app.agent(clicks, name="ingest-clicks")(guarded("ingest-clicks", ingest_clicks))
+    app.agent(shares, name="ingest-shares")(guarded("ingest-shares", ingest_shares))
+    app.agent(orders, name="ingest-orders")(guarded("ingest-orders", ingest_orders))
+    app.agent(refunds, name="ingest-refunds")(guarded("ingest-refunds", ingest_refunds))
+    app.agent(visitor_events, name="join")(guarded("join", join_stage.process))
+    app.agent(ledger_events, name="ledger")(guarded("ledger", ledger_stage.process))
+
+    @app.task
+    async def read_reference() -> None:
+        try:
+            await reference.run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            fatal(exc)
+
+    return app

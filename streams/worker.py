@@ -1,0 +1,19 @@
+"""Run the stream processor: topics, metrics endpoint, then the Faust worker (blocks)."""
+
+from __future__ import annotations
+
+import faust
+
+from schemas.config import Config
+from sinks.metrics import serve
+
+from .app import create_app
+from .topics import ensure_topics
+
+
+def run_worker(config: Config, loglevel: str = "info") -> None:
+    ensure_topics(config)
+    serve(config.metrics_port)
+    app = create_app(config)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
