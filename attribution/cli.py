@@ -1,0 +1,255 @@
+"""The `attribution` command line: one entry point for operators (contract §1).
+
+Configuration comes from the environment (KAFKA_BOOTSTRAP, TOPIC_PREFIX, CLICKHOUSE_URL,
+METRICS_PORT, and the ATTRIBUTION_* settings in the README); no command takes a password.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Optional
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schemas.config import Config
+
+app = typer.Typer(
+    help="Real-time affiliate attribution: Kafka -> Faust -> ClickHouse commission ledger.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="Local single-node Kafka broker and ClickHouse server (no Docker).",
+                        no_args_is_help=True)
+db_app = typer.Typer(help="ClickHouse schema.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+
+console = Console(stderr=True)
+
+
+def load_config() -> Config:
+    try:
+        return Config.from_env()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = error.get("loc", ("?",))[0]
+            console.print(f"[red]configuration error:[/] {str(name).upper()}: {error['msg']}")
+        raise typer.Exit(2) from exc
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+# --- stack ---------------------------------------------------------------------------------
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Install (if needed) and start Kafka and ClickHouse; waits until both answer. Idempotent."""
+    from deploy.stack import Stack, StackError
+
+    try:
+        status = Stack().up(progress=lambda line: console.print(line))
+    except StackError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(status.render())
+
+
+@stack_app.command("down")
+def stack_down(
+    purge: bool = typer.Option(False, "--purge", help="Also delete Kafka and ClickHouse data."),
+) -> None:
+    """Stop both services cleanly (data is kept unless --purge). Idempotent."""
+    from deploy.stack import Stack, StackError
+
+    try:
+        Stack().down(progress=lambda line: console.print(line), purge=purge)
+    except StackError as exc:
+        raise fail(str(exc)) from exc
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Versions, addresses, pids, data directories and logs of the local services."""
+    from deploy.stack import Stack
+
+    status = Stack().status()
+    typer.echo(status.render())
+    if not status.running:
+        raise typer.Exit(3)
+
+
+# --- db ------------------------------------------------------------------------------------
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Create the database and apply pending schema migrations. Idempotent."""
+    from sinks.migrate import migrate_server
+
+    config = load_config()
+    try:
+        applied = migrate_server(config.clickhouse, progress=lambda line: console.print(line))
+    except Exception as exc:  # connection refused, auth...: one line, not a traceback
+        raise fail(f"migration against {config.clickhouse!r} failed: {exc}") from exc
+    if applied:
+        typer.echo(f"applied {len(applied)} migration(s) to {config.clickhouse.database}")
+    else:
+        typer.echo(f"{config.clickhouse.database} is up to date")
+
+
+# --- reference data and events -------------------------------------------------------------
+
+
+@app.command("load-reference")
+def load_reference(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Reference JSON (contract §3)."),
+) -> None:
+    """Validate programs, affiliates and settings, then publish them to the reference topics."""
+    from schemas.validation import InvalidReference, parse_reference_document
+    from streams.publish import publish_reference
+    from streams.topics import ensure_topics
+
+    config = load_config()
+    try:
+        programs, affiliates, settings = parse_reference_document(file.read_bytes())
+    except InvalidReference as exc:
+        raise fail(f"{file}: {exc}", 2) from exc
+    ensure_topics(config, progress=lambda line: console.print(line))
+    counts = publish_reference(config, programs, affiliates, settings)
+    typer.echo(
+        f"published {counts['programs']} programs, {counts['affiliates']} affiliates, "
+        f"{counts['settings']} settings to {config.topic('ref-*')}"
+    )
+
+
+@app.command("produce")
+def produce(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Events, one JSON object per line."),
+) -> None:
+    """Publish events to the topic of their `type` (keyed by visitor_id; refunds by order_id)."""
+    from streams.publish import produce_lines
+    from streams.topics import ensure_topics
+
+    config = load_config()
+    ensure_topics(config, progress=lambda line: console.print(line))
+    with file.open("rb") as handle, _progress() as progress:
+        task = progress.add_task("producing", total=_count_lines(file))
+        summary = produce_lines(config, handle, on_line=lambda n: progress.advance(task, n))
+    for topic, count in sorted(summary.sent.items()):
+        typer.echo(f"sent {count:>9} to {config.topic(topic)}")
+    for reason, count in sorted(summary.skipped.items()):
+        typer.echo(f"skipped {count:>6} lines: {reason}")
+    typer.echo(f"total sent {summary.total_sent}, skipped {sum(summary.skipped.values())}")
+
+
+# --- worker and report ---------------------------------------------------------------------
+
+
+@app.command("worker")
+def worker(
+    loglevel: str = typer.Option("info", help="crit | error | warn | info | debug"),
+) -> None:
+    """Run the stream processor (Faust worker) until interrupted. Creates missing topics."""
+    from streams.worker import run_worker
+
+    run_worker(load_config(), loglevel=loglevel)
+
+
+@app.command("report")
+def report(
+    since: Optional[str] = typer.Option(None, help="First day (YYYY-MM-DD, UTC). Default: all."),
+    until: Optional[str] = typer.Option(None, help="Last day, inclusive. Default: all."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+) -> None:
+    """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission."""
+    from sinks.clickhouse import connect
+    from sinks.report import build_report
+
+    if fmt not in ("table", "csv", "json"):
+        raise fail("--format must be table, csv or json", 2)
+    try:
+        first = date.fromisoformat(since) if since else date(1970, 1, 1)
+        last = date.fromisoformat(until) if until else date(2105, 12, 31)
+    except ValueError as exc:
+        raise fail(f"bad date: {exc}", 2) from exc
+    config = load_config()
+    client = connect(config.clickhouse)
+    try:
+        result = build_report(client, config.clickhouse.database, first, last)
+    except Exception as exc:
+        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
+    finally:
+        client.disconnect()
+    rows = [r.as_dict() for r in result.rows]
+    if fmt == "json":
+        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["affiliate_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+        typer.echo(out.getvalue(), nl=False)
+    else:
+        print_report_table(rows)
+
+
+def print_report_table(rows: list[dict[str, object]]) -> None:
+    table = Table(title="Affiliates by channel")
+    columns = ["affiliate_id", "channel", "currency", "clicks", "shares", "orders",
+               "conversion_rate", "revenue", "net_commission", "pending", "approved", "held"]
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="left" if column in columns[:3] else "right")
+    for row in rows:
+        cells = [str(row[c]) if row[c] is not None else "-" for c in columns]
+        cells[0] = cells[0] or "(unattributed)"
+        cells[1] = cells[1] or "(no click)"
+        table.add_row(*cells)
+    Console().print(table)
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    visitors: int = typer.Option(20_000, help="Visitors in the generated day of traffic."),
+    timeout: float = typer.Option(600, help="Seconds to wait for the worker to catch up."),
+) -> None:
+    """The whole pipeline on a sample: stack up, migrate, reference data, worker, traffic, report."""
+    from attribution.demo import run_demo
+
+    run_demo(load_config(), visitors=visitors, timeout=timeout, console=console,
+             print_report=print_report_table)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False, disable=not sys.stderr.isatty(),
+    )
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
