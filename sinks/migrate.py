@@ -62,7 +62,7 @@ def migrate(
         "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
         "ENGINE = ReplacingMergeTree ORDER BY version"
     )
-    applied = {row[0] for row in execute(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}")}
+    applied = {int(str(row[0])) for row in execute(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}")}
     done = []
     for migration in available_migrations():
         if migration.version in applied:

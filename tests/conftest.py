@@ -116,8 +116,11 @@ class WorkerProcess:
             raise AssertionError(f"worker exited with {self.process.returncode}:\n{tail}")
 
 
-@pytest.fixture
-def isolated(stack: Any, tmp_path: Path) -> Iterator[Isolated]:
+ENV_KEYS = ("KAFKA_BOOTSTRAP", "TOPIC_PREFIX", "CLICKHOUSE_URL", "METRICS_PORT",
+            "ATTRIBUTION_PARTITIONS", "ATTRIBUTION_STATE_DIR", "ATTRIBUTION_BATCH_SECONDS")
+
+
+def make_isolated(stack: Any, state_dir: Path) -> Isolated:
     from schemas.config import Config
     from sinks.migrate import migrate_server
     from streams.topics import ensure_topics
@@ -130,23 +133,44 @@ def isolated(stack: Any, tmp_path: Path) -> Iterator[Isolated]:
         CLICKHOUSE_URL=f"clickhouse://default@{stack.clickhouse_address}/t_{tag}",
         METRICS_PORT="0",
         ATTRIBUTION_PARTITIONS="4",
-        ATTRIBUTION_STATE_DIR=str(tmp_path / "state"),
+        ATTRIBUTION_STATE_DIR=str(state_dir / tag),
         ATTRIBUTION_BATCH_SECONDS="0.2",
         PYTHONPATH=str(REPO),
     )
-    for key in ("KAFKA_BOOTSTRAP", "TOPIC_PREFIX", "CLICKHOUSE_URL", "METRICS_PORT",
-                "ATTRIBUTION_PARTITIONS", "ATTRIBUTION_STATE_DIR", "ATTRIBUTION_BATCH_SECONDS"):
-        os.environ[key] = env[key]
+    saved = {key: os.environ.get(key) for key in ENV_KEYS}
+    os.environ.update({key: env[key] for key in ENV_KEYS})
     try:
         config = Config.from_env()
     finally:
-        for key in ("KAFKA_BOOTSTRAP", "TOPIC_PREFIX", "CLICKHOUSE_URL", "METRICS_PORT",
-                    "ATTRIBUTION_PARTITIONS", "ATTRIBUTION_STATE_DIR", "ATTRIBUTION_BATCH_SECONDS"):
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     migrate_server(config.clickhouse)
     ensure_topics(config)
-    isolated = Isolated(env, config)
-    yield isolated
-    for worker in isolated.workers:
-        worker.stop()
-    isolated.query("DROP DATABASE IF EXISTS {db}")
+    return Isolated(env, config)
+
+
+@pytest.fixture
+def isolated_factory(stack: Any, tmp_path: Path) -> Iterator[Callable[[], Isolated]]:
+    """Make as many isolated environments as a test needs; all are cleaned up after it."""
+    made: list[Isolated] = []
+
+    def make() -> Isolated:
+        made.append(make_isolated(stack, tmp_path))
+        return made[-1]
+
+    yield make
+    for isolated in made:
+        for worker in isolated.workers:
+            worker.stop()
+        try:
+            isolated.query("DROP DATABASE IF EXISTS {db}")
+        except Exception:  # the server may be the thing a test broke; the data is throwaway
+            pass
+
+
+@pytest.fixture
+def isolated(isolated_factory: Callable[[], Isolated]) -> Isolated:
+    return isolated_factory()
