@@ -217,7 +217,7 @@ def print_report_table(rows: list[dict[str, object]]) -> None:
         cells[0] = cells[0] or "(unattributed)"
         cells[1] = cells[1] or "(no click)"
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 # --- demo ----------------------------------------------------------------------------------
