@@ -1,216 +1,786 @@
-"""A realistic, deterministic traffic generator: visitors, sessions, clicks, shares, orders, refunds.
+"""Synthetic shop traffic for load tests and the demo: a reference document (contract §3) and a
+deterministic, time-ordered stream of input events (contract §2).
 
-Zipf-distributed affiliates, ~3 % of visitors convert, some with the affiliate's code, some
-refunds days later, a few repeated events (dedup) and planted abuse: a leaked code redeemed in a
-burst from a coupon site, a self-referral and instant conversions. Same seed, same events.
-Events come out in non-decreasing `ts`; memory stays bounded by one visitor's events at a time
-plus a heap of pending future events.
+The stream looks like a day of an affiliate shop: visitors arrive on a daily rhythm and come back
+for a few sessions, clicking links of affiliates whose popularity follows a Zipf law; about
+`conversion_rate` of them buy, some with the affiliate's code, and a few refund later. Affiliates
+post shares, and some clicks come through them. Visitors with no click buy too (unattributed
+orders). Planted on top, so that the abuse rules have something to find: one leaked code (a burst
+of orders from a coupon site), one self-referral and a few instant conversions. Planted visitors'
+ids start with ``p-``, all others with ``v-``; ids embed the seed, so files made with different
+seeds never share an id.
+
+Everything is drawn from one seeded `random.Random`: the same reference and profile give the same
+events, byte for byte. Events come out lazily in non-decreasing `ts` order. What is held in memory
+is one small record per visitor who will come back, the events of journeys under way (minutes to
+hours ahead, refunds up to two days), and one record per sharing affiliate; never the stream.
+
+This module must never import streams, sinks or attribution code: it makes input, it does not
+know how input is judged. It does no I/O but `write_jsonl`.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+import math
+import os
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-CHANNELS = ("facebook", "instagram", "tiktok", "youtube", "email", "blog", "twitter", "other")
-REFERRERS = {
-    "facebook": "https://l.facebook.com/l.php", "instagram": "https://instagram.com/",
-    "tiktok": "https://www.tiktok.com/", "youtube": "https://www.youtube.com/watch",
-    "email": "", "blog": "https://blog.example.org/post", "twitter": "https://t.co/abc",
-    "other": "https://news.example.com/",
+from schemas.events import TOPIC_OF_TYPE
+from schemas.reference import Affiliate
+from schemas.validation import encode_json, parse_reference_document
+
+EventJson = dict[str, Any]
+
+#: The affiliates the planted abuse is about (both are ambassadors in `sample_reference`).
+LEAKED_CODE_AFFILIATE = "aff-002"
+SELF_REFERRING_AFFILIATE = "aff-003"
+LEAKED_AFFILIATE = LEAKED_CODE_AFFILIATE  # the shorter name other modules import
+#: 40 customers in 30 minutes: twice the default velocity limit (20 per 60 minutes), so the
+#: burst is flagged whatever the exact window arithmetic.
+LEAK_ORDERS = 40
+LEAK_SPAN_SECONDS = 30 * 60
+INSTANT_CONVERSIONS = 3
+#: 1 s from click to order: well under the default `fast_conversion_seconds` (5).
+INSTANT_CONVERSION_SECONDS = 1
+
+#: The shortest honest path from a click to a paid order (browse, cart, pay). Regular orders stay
+#: above it so that `fast_conversion` flags only the planted instant conversions.
+MIN_ORDER_DELAY_SECONDS = 60
+#: Median 25 minutes, most within 2 hours, capped at 6 hours: the minutes-to-hours of a checkout.
+ORDER_DELAY_MEDIAN_SECONDS = 25 * 60
+ORDER_DELAY_SIGMA = 1.0
+MAX_ORDER_DELAY_SECONDS = 6 * 3600
+#: Refunds come one hour to two days after the order, even past the profile's duration.
+MIN_REFUND_DELAY_SECONDS = 3600
+MAX_REFUND_DELAY_SECONDS = 2 * 86_400
+
+#: Channels clicks and shares come from; contract §2 names (this shop has no linkedin or podcast
+#: partners).
+CLICK_CHANNELS: tuple[str, ...] = (
+    "facebook", "instagram", "tiktok", "youtube", "email", "blog", "twitter", "other",
+)
+#: Sessions per visitor 1..5 and clicks per session 1..4: most people come once and click once.
+SESSION_WEIGHTS = (45, 25, 14, 10, 6)
+CLICK_WEIGHTS = (55, 25, 12, 8)
+#: A returning visitor mostly clicks the same affiliate again (they follow one creator).
+FAVOURITE_AFFILIATE_SHARE = 0.6
+#: Affiliates post mostly on their own platform.
+PRIMARY_CHANNEL_SHARE = 0.7
+#: Clicks that come through one of the affiliate's recent shares.
+SHARED_LINK_SHARE = 0.1
+RECENT_SHARES_KEPT = 3
+#: In-app browsers (Instagram, TikTok, mail apps) often send no referrer at all.
+NO_REFERRER_SHARE = 0.25
+#: Codes typed in lower case: contract §3 matches codes case-insensitively, so this must not
+#: change attribution; it exercises the normalisation.
+LOWER_CASE_CODE_SHARE = 0.1
+#: Orders of visitors with no click that still carry a code (word of mouth): method `code`.
+ORGANIC_CODE_SHARE = 0.1
+#: Of refunds, the share that is partial (one line, one unit or a goodwill discount).
+PARTIAL_REFUND_SHARE = 0.4
+GOODWILL_REFUND_FRACTION = 0.2
+#: Return visits: within hours mostly, otherwise days later (often past the profile's end).
+SAME_DAY_RETURN_SHARE = 0.65
+SAME_DAY_RETURN_MEAN_SECONDS = 2 * 3600
+LATER_RETURN_MEAN_SECONDS = 36 * 3600
+MIN_RETURN_SECONDS = 10 * 60
+#: Seconds between clicks of one session: a few seconds at least, a minute on average.
+MIN_CLICK_GAP_SECONDS = 3
+MEAN_CLICK_GAP_SECONDS = 60
+#: Arrivals follow the clock: ±60 % around the mean, peaking at 20:00 UTC (European evening,
+#: American afternoon).
+DAILY_SWING = 0.6
+PEAK_HOUR_UTC = 20
+
+CURRENCY = "USD"
+SHOP = "shop.example"
+#: Category -> (weight in baskets, lowest and highest price in cents). Gift cards come in fixed
+#: denominations instead (`GIFT_CARD_CENTS`); they earn the low `category_rates` rate.
+CATEGORIES: dict[str, tuple[int, int, int]] = {
+    "apparel": (30, 1_999, 8_999),
+    "shoes": (15, 4_999, 15_999),
+    "beauty": (20, 899, 4_999),
+    "electronics": (10, 2_999, 39_999),
+    "home": (15, 1_499, 12_999),
+    "gift-cards": (10, 0, 0),
 }
-CATEGORIES = (("shoes", "59.90"), ("shirts", "24.50"), ("bags", "89.00"), ("gift-cards", "25.00"),
-              ("socks", "7.99"))
-LEAKED_AFFILIATE = "aff-002"
-SELF_REFERRER = "aff-003"
+GIFT_CARD_CENTS = (2_500, 5_000, 10_000)
+SKUS_PER_CATEGORY = 25
+ITEM_WEIGHTS = (70, 22, 8)
+QUANTITY_WEIGHTS = (85, 11, 4)
+USER_AGENTS = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 15; Pixel 9) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/130.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/130.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/18.1 Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/22B83 Instagram 354.0.0.0",
+)
+_ALPHANUMERIC = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_DEFAULT_COUPON_SITE = "retailmenot.com"
+_UTC = timezone.utc
 
 
 def sample_reference(n_affiliates: int = 50, seed: int = 7) -> dict[str, Any]:
-    """Two programs, `n_affiliates` affiliates (one inactive), settings (contract §3)."""
+    """A reference document (contract §3) for `generate`: two programs and `n_affiliates`.
+
+    `ambassadors` (affiliate kind, 10 %, macro 15 %, mega 20 %, gift cards 2 %) holds aff-001 to
+    aff-003 and about three quarters of the rest; `friends` (referral kind, 5.00 per order) the
+    others, without tier. Ambassador tiers follow popularity (the ids' order, as in `generate`):
+    the first tenth mega, the next fifth macro, the rest micro. Every affiliate has customer id
+    ``cust-aff-NNN`` and one code ``AFFNNNSAVE``; one affiliate after aff-003 is inactive.
+    """
+    if n_affiliates < 4:
+        raise ValueError(
+            f"n_affiliates must be at least 4 (aff-002 and aff-003 carry the planted abuse and "
+            f"one later affiliate is inactive), got {n_affiliates}"
+        )
     rng = random.Random(seed)
+    later = list(range(4, n_affiliates + 1))
+    friends = set(rng.sample(later, k=len(later) // 4))
+    inactive = rng.choice(later)
+    ambassadors = [n for n in range(1, n_affiliates + 1) if n not in friends]
+    mega = max(1, round(len(ambassadors) * 0.1))
+    macro = max(1, round(len(ambassadors) * 0.2))
+    tier_of = {
+        number: "mega" if rank < mega else "macro" if rank < mega + macro else "micro"
+        for rank, number in enumerate(ambassadors)
+    }
     affiliates = []
-    for n in range(1, n_affiliates + 1):
-        program = "friends" if n % 10 == 0 else "ambassadors"
-        affiliates.append({
-            "affiliate_id": f"aff-{n:03d}",
-            "program_id": program,
-            "tier": rng.choice(["", "", "macro", "mega"]) if program == "ambassadors" else "",
-            "customer_id": f"cust-aff-{n:03d}",
-            "codes": [f"AFF{n:03d}SAVE"],
-            "status": "inactive" if n == n_affiliates else "active",
-        })
+    for number in range(1, n_affiliates + 1):
+        affiliate: dict[str, Any] = {
+            "affiliate_id": f"aff-{number:03d}",
+            "program_id": "friends" if number in friends else "ambassadors",
+        }
+        if number in tier_of:
+            affiliate["tier"] = tier_of[number]
+        affiliate["customer_id"] = f"cust-aff-{number:03d}"
+        affiliate["codes"] = [f"AFF{number:03d}SAVE"]
+        affiliate["status"] = "inactive" if number == inactive else "active"
+        affiliates.append(affiliate)
     return {
         "programs": [
-            {"program_id": "ambassadors", "kind": "affiliate", "attribution_window_days": 30,
-             "lock_days": 30, "commission": {"type": "percent", "rate": "0.10"},
-             "tier_rates": {"macro": "0.15", "mega": "0.20"},
-             "category_rates": {"gift-cards": "0.02"},
-             "velocity": {"max_customers": 20, "window_minutes": 60}},
-            {"program_id": "friends", "kind": "referral", "attribution_window_days": 7,
-             "lock_days": 14, "commission": {"type": "fixed", "amount": "5.00"}},
+            {
+                "program_id": "ambassadors",
+                "kind": "affiliate",
+                "attribution_window_days": 30,
+                "lock_days": 30,
+                "commission": {"type": "percent", "rate": "0.10"},
+                "tier_rates": {"macro": "0.15", "mega": "0.20"},
+                "category_rates": {"gift-cards": "0.02"},
+            },
+            {
+                "program_id": "friends",
+                "kind": "referral",
+                "attribution_window_days": 7,
+                "lock_days": 14,
+                "commission": {"type": "fixed", "amount": "5.00"},
+            },
         ],
         "affiliates": affiliates,
-        "settings": {"coupon_sites": ["retailmenot.com", "joinhoney.com", "slickdeals.net"],
-                     "fast_conversion_seconds": 5},
+        "settings": {
+            "coupon_sites": ["retailmenot.com", "joinhoney.com", "slickdeals.net"],
+            "fast_conversion_seconds": 5,
+        },
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrafficProfile:
+    """How much traffic `generate` makes, over what time, and how it behaves."""
+
     visitors: int = 20_000
-    start: datetime = datetime(2026, 11, 2, tzinfo=timezone.utc)
+    start: datetime = datetime(2026, 11, 2, tzinfo=_UTC)
     duration: timedelta = timedelta(days=1)
+    #: Share of visitors who place an order (planted visitors come on top).
     conversion_rate: float = 0.03
+    #: Share of orders after a click that use the clicked affiliate's code.
     code_share: float = 0.3
     refund_rate: float = 0.05
-    shares_per_affiliate: int = 5
+    #: Shares per active affiliate per day.
+    share_rate: float = 5.0
+    #: Exponent of the Zipf law of affiliate popularity (rank = order in the reference).
     zipf_s: float = 1.1
-    duplicate_rate: float = 0.002
     seed: int = 42
-    plant_abuse: bool = True
-    leak_burst: int = 40
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Share of visitors who never click an affiliate link; their orders are unattributed.
+    organic_share: float = 0.2
+    #: Share of events sent twice with the same event_id (a producer retry), to exercise dedup.
+    duplicate_rate: float = 0.002
+    plant_code_leak: bool = True
+    plant_self_referral: bool = True
+    plant_instant_conversions: bool = True
+
+    def __post_init__(self) -> None:
+        if self.visitors < 0:
+            raise ValueError(f"visitors must be >= 0, got {self.visitors}")
+        if self.start.tzinfo is None or self.start.utcoffset() is None:
+            raise ValueError(f"start must be timezone-aware, got {self.start!r}")
+        # An hour at least: the planted code leak needs half an hour of room.
+        if self.duration < timedelta(hours=1):
+            raise ValueError(f"duration must be at least one hour, got {self.duration}")
+        for name in (
+            "conversion_rate", "code_share", "refund_rate", "organic_share", "duplicate_rate",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if self.share_rate < 0:
+            raise ValueError(f"share_rate must be >= 0, got {self.share_rate}")
+        if self.zipf_s < 0:
+            raise ValueError(f"zipf_s must be >= 0, got {self.zipf_s}")
 
 
-def _ts(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+def generate(reference: Mapping[str, Any], profile: TrafficProfile) -> Iterator[EventJson]:
+    """The events of `profile` against `reference`, as contract-§2 JSON objects.
+
+    Times are whole seconds, RFC 3339 with ``Z``; money is a decimal string. Clicks, shares and
+    orders fall within ``[start, start + duration)``; refunds up to two days after their order.
+    `reference` is checked like `attribution load-reference` checks it (`InvalidReference`); the
+    planted abuse needs aff-002 active with a code and aff-003 active with a customer id
+    (`ValueError` otherwise; turn the toggles off for other references).
+    """
+    return _Traffic(reference, profile).events()
 
 
-def _zipf_weights(n: int, s: float) -> list[float]:
-    return [1.0 / (rank ** s) for rank in range(1, n + 1)]
-
-
-def generate(reference: dict[str, Any], profile: TrafficProfile) -> Iterator[dict[str, Any]]:
-    rng = random.Random(profile.seed)
-    affiliates = [a for a in reference["affiliates"]]
-    weights = _zipf_weights(len(affiliates), profile.zipf_s)
-    seq = itertools.count()
-    pending: list[tuple[datetime, int, dict[str, Any]]] = []
-    span = profile.duration.total_seconds()
-
-    def push(at: datetime, event: dict[str, Any]) -> None:
-        event["ts"] = _ts(at)
-        heapq.heappush(pending, (at, next(seq), event))
-
-    order_no = itertools.count(1)
-
-    def place_order(at: datetime, visitor: str, customer: str, code: str = "",
-                    referrer: str = "") -> None:
-        items = []
-        for _ in range(rng.randint(1, 3)):
-            category, price = rng.choice(CATEGORIES)
-            items.append({"sku": f"{category}-{rng.randint(1, 40)}", "category": category,
-                          "quantity": rng.randint(1, 2), "price": price})
-        total = sum(Decimal(i["price"]) * i["quantity"] for i in items)
-        order_id = f"o-{profile.seed}-{next(order_no):07d}"
-        order: dict[str, Any] = {"event_id": f"e-{order_id}", "type": "order", "order_id": order_id,
-                                 "visitor_id": visitor, "customer_id": customer, "currency": "EUR",
-                                 "total": str(total), "items": items}
-        if code:
-            order["discount_code"] = code
-        if referrer:
-            order["referrer"] = referrer
-        push(at, order)
-        if rng.random() < profile.refund_rate:
-            amount = total if rng.random() < 0.5 else (total / 2).quantize(Decimal("0.01"))
-            push(at + timedelta(hours=rng.randint(6, 48)),
-                 {"event_id": f"r-{order_id}", "type": "refund", "order_id": order_id,
-                  "amount": str(amount), "reason": "returned"})
-
-    # shares over the day
-    for affiliate in affiliates:
-        for k in range(profile.shares_per_affiliate):
-            at = profile.start + timedelta(seconds=rng.uniform(0, span))
-            push(at, {"event_id": f"sh-{affiliate['affiliate_id']}-{k}", "type": "share",
-                      "affiliate_id": affiliate["affiliate_id"],
-                      "share_id": f"{affiliate['affiliate_id']}-{k}",
-                      "channel": rng.choice(CHANNELS)})
-
-    if profile.plant_abuse:  # queued first: the heap releases them at their time
-        _plant_abuse(push, place_order, affiliates, profile, rng)
-
-    # visitors arrive uniformly over the day
-    arrivals = sorted(rng.uniform(0, span) for _ in range(profile.visitors))
-    for index, offset in enumerate(arrivals):
-        visitor = f"v-{profile.seed}-{index:07d}"
-        at = profile.start + timedelta(seconds=offset)
-        last_click: tuple[datetime, dict[str, Any]] | None = None
-        for session in range(rng.randint(1, 3)):
-            for _ in range(rng.randint(1, 3)):
-                affiliate = rng.choices(affiliates, weights)[0]
-                channel = rng.choice(CHANNELS)
-                click = {"event_id": f"c-{visitor}-{next(seq)}", "type": "click",
-                         "visitor_id": visitor, "session_id": f"{visitor}-s{session}",
-                         "affiliate_id": affiliate["affiliate_id"], "channel": channel,
-                         "referrer": REFERRERS[channel], "landing_url": "https://shop.example/"}
-                push(at, click)
-                last_click = (at, affiliate)
-                at += timedelta(seconds=rng.randint(20, 600))
-            at += timedelta(minutes=rng.randint(30, 300))
-        if last_click and rng.random() < profile.conversion_rate:
-            click_at, affiliate = last_click
-            code = affiliate["codes"][0].lower() if rng.random() < profile.code_share else ""
-            place_order(click_at + timedelta(minutes=rng.randint(2, 240)), visitor,
-                        f"cust-{visitor}", code)
-        elif not last_click and rng.random() < profile.conversion_rate:
-            place_order(at, visitor, f"cust-{visitor}")
-        # release everything that can no longer be preceded by a later visitor's events
-        yield from _release(pending, profile.start + timedelta(seconds=offset), rng, profile)
-
-    yield from _release(pending, None, rng, profile)
-
-
-def _plant_abuse(push: Any, place_order: Any, affiliates: list[dict[str, Any]],
-                 profile: TrafficProfile, rng: random.Random) -> None:
-    by_id = {a["affiliate_id"]: a for a in affiliates}
-    noon = profile.start + profile.duration / 2
-    leaked = by_id.get(LEAKED_AFFILIATE)
-    if leaked:  # a code posted on a coupon site: a burst of strangers, no click from its owner
-        for k in range(profile.leak_burst):
-            place_order(noon + timedelta(seconds=k * 40), f"v-leak-{k}", f"cust-leak-{k}",
-                        leaked["codes"][0], "https://www.retailmenot.com/view/shop.example")
-    self_ref = by_id.get(SELF_REFERRER)
-    if self_ref:  # the affiliate buys through its own link
-        push(noon, {"event_id": "c-self-1", "type": "click", "visitor_id": "v-self",
-                    "session_id": "v-self-s", "affiliate_id": SELF_REFERRER, "channel": "blog"})
-        place_order(noon + timedelta(minutes=5), "v-self", self_ref["customer_id"])
-    for k in range(3):  # instant conversions: paid one second after the click
-        affiliate = affiliates[k % len(affiliates)]["affiliate_id"]
-        at = noon + timedelta(minutes=10 + k)
-        push(at, {"event_id": f"c-fast-{k}", "type": "click", "visitor_id": f"v-fast-{k}",
-                  "session_id": f"v-fast-{k}-s", "affiliate_id": affiliate, "channel": "other"})
-        place_order(at + timedelta(seconds=1), f"v-fast-{k}", f"cust-fast-{k}")
-
-
-def _release(pending: list[tuple[datetime, int, dict[str, Any]]], until: datetime | None,
-             rng: random.Random, profile: TrafficProfile) -> Iterator[dict[str, Any]]:
-    while pending and (until is None or pending[0][0] <= until):
-        _, _, event = heapq.heappop(pending)
-        yield event
-        if rng.random() < profile.duplicate_rate:
-            yield dict(event)  # a producer retry: same event_id again
-
-
-def write_jsonl(events: Iterable[dict[str, Any]], path: Path) -> int:
+def write_jsonl(events: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Write `events` one JSON object a line (what `attribution produce` reads); their number."""
     count = 0
-    with Path(path).open("wb") as out:
+    with open(path, "wb", buffering=1 << 20) as out:
         for event in events:
-            out.write(orjson.dumps(event) + b"\n")
+            out.write(encode_json(event) + b"\n")
             count += 1
     return count
 
 
-def count_by_type(events: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def count_by_type(events: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many events of each type, duplicates included; every contract type is a key."""
+    counts = dict.fromkeys(TOPIC_OF_TYPE, 0)
     for event in events:
-        counts[event["type"]] = counts.get(event["type"], 0) + 1
+        kind = event["type"]
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+# --- the generator -------------------------------------------------------------------------------
+
+# What a heap entry asks for when its time comes.
+_EMIT = 0  # yield the event in the payload
+_VISIT = 1  # the next visitor arrives
+_SESSION = 2  # a visitor comes back
+_SHARE = 3  # an affiliate posts a share
+
+
+def _cumulative(weights: Sequence[float]) -> list[float]:
+    return list(itertools.accumulate(weights))
+
+
+def _money(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}"
+
+
+class _Visitor(NamedTuple):
+    """Who is browsing; a tuple because one is made per visitor (a frozen dataclass is 3x slower)."""
+
+    number: int
+    visitor_id: str
+    customer_id: str
+    favourite: int  # index into the affiliates
+    converts: bool
+    ip: str
+    user_agent: str
+
+
+class _Traffic:
+    """One run of `generate`: the random source, the clock and the heap of what happens next."""
+
+    def __init__(self, reference: Mapping[str, Any], profile: TrafficProfile) -> None:
+        _, affiliates, settings = parse_reference_document(orjson.dumps(reference))
+        if not affiliates:
+            raise ValueError("the reference has no affiliates to click")
+        self.profile = profile
+        self.rng = random.Random(profile.seed)
+        self.tag = str(profile.seed)
+        self.start = math.floor(profile.start.timestamp())
+        self.span = int(profile.duration.total_seconds())
+        self.end = self.start + self.span
+        self.affiliates = affiliates
+        self.handles = [a.affiliate_id.replace("-", "").lower() for a in affiliates]
+        self.popularity = _cumulative(
+            [1.0 / (rank ** profile.zipf_s) for rank in range(1, len(affiliates) + 1)]
+        )
+        self.primary_channel = [self.rng.choice(CLICK_CHANNELS) for _ in affiliates]
+        self.recent_shares: list[deque[tuple[str, str]]] = [
+            deque(maxlen=RECENT_SHARES_KEPT) for _ in affiliates
+        ]
+        coupon_sites = settings.coupon_sites if settings is not None else ()
+        self.coupon_site = coupon_sites[0] if coupon_sites else _DEFAULT_COUPON_SITE
+        self.catalog = self._catalog()
+        self.category_names = list(CATEGORIES)
+        self.category_weights = _cumulative([weight for weight, _, _ in CATEGORIES.values()])
+        self.session_weights = _cumulative(SESSION_WEIGHTS)
+        self.click_weights = _cumulative(CLICK_WEIGHTS)
+        self.item_weights = _cumulative(ITEM_WEIGHTS)
+        self.quantity_weights = _cumulative(QUANTITY_WEIGHTS)
+        self.knots, self.intensity = self._daily_rhythm()
+
+        self.heap: list[tuple[int, int, int, Any]] = []
+        self.sequence = itertools.count()
+        self.event_numbers = itertools.count(1)
+        self.order_numbers = itertools.count(1)
+        self.share_numbers = itertools.count(1)
+        self.arrivals = self._arrival_times()
+
+        self._plant()
+        first = next(self.arrivals, None)
+        if first is not None:
+            self._push(first, _VISIT, 1)
+        if profile.share_rate > 0:
+            for index, affiliate in enumerate(affiliates):
+                if affiliate.active:
+                    self._push(self.start + self._share_gap(), _SHARE, index)
+
+    # --- the loop ---
+
+    def events(self) -> Iterator[EventJson]:
+        heap = self.heap
+        pop = heapq.heappop
+        chance = self.rng.random
+        duplicate_rate = self.profile.duplicate_rate
+        minute = -1
+        prefix = ""
+        while heap:
+            ts, _, kind, payload = pop(heap)
+            if kind == _EMIT:
+                # Formatting at emission, in time order, lets one strftime serve a whole minute.
+                if ts // 60 != minute:
+                    minute = ts // 60
+                    prefix = time.strftime("%Y-%m-%dT%H:%M:", time.gmtime(minute * 60))
+                payload["ts"] = f"{prefix}{ts % 60:02d}Z"
+                if duplicate_rate and chance() < duplicate_rate:
+                    resent = orjson.loads(orjson.dumps(payload))
+                    yield payload
+                    yield resent
+                else:
+                    yield payload
+            elif kind == _VISIT:
+                self._visit(ts, payload)
+            elif kind == _SESSION:
+                self._session(ts, *payload)
+            else:
+                self._share(ts, payload)
+
+    def _push(self, ts: int, kind: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (ts, next(self.sequence), kind, payload))
+
+    def _event(self, kind: str) -> EventJson:
+        # 'ts' is filled in at emission; the key is set now to keep the contract's field order.
+        return {
+            "event_id": f"e-{self.tag}-{next(self.event_numbers):08d}",
+            "type": kind,
+            "ts": None,
+        }
+
+    # --- random helpers ---
+
+    def _pick(self, cumulative: list[float]) -> int:
+        """An index drawn with the weights whose running sums are `cumulative`."""
+        index = bisect.bisect_right(cumulative, self.rng.random() * cumulative[-1])
+        return min(index, len(cumulative) - 1)
+
+    def _ip(self) -> str:
+        rest = self.rng.getrandbits(24)
+        return f"{self.rng.randint(11, 223)}.{rest >> 16}.{(rest >> 8) & 255}.{rest & 255 or 1}"
+
+    def _token(self, length: int) -> str:
+        return "".join(self.rng.choices(_ALPHANUMERIC, k=length))
+
+    def _share_gap(self) -> int:
+        return 1 + int(self.rng.expovariate(self.profile.share_rate / 86_400))
+
+    # --- the shape of a day ---
+
+    def _daily_rhythm(self) -> tuple[list[int], list[float]]:
+        """Hourly knots over the profile and the running arrival intensity at each."""
+        knots = list(range(0, self.span, 3600)) + [self.span]
+        running = [0.0]
+        for low, high in itertools.pairwise(knots):
+            hour = ((self.start + (low + high) / 2) % 86_400) / 3600
+            rate = 1 + DAILY_SWING * math.sin(2 * math.pi * (hour - PEAK_HOUR_UTC + 6) / 24)
+            running.append(running[-1] + rate * (high - low))
+        return knots, running
+
+    def _arrival_times(self) -> Iterator[int]:
+        """The visitors' first arrivals in increasing order, one at a time.
+
+        The order statistics of `visitors` uniform draws, made one after the other (the smallest
+        of the k still to come is 1 - U^(1/k) of the remaining room), then mapped through the
+        daily rhythm's cumulative intensity: no list of arrivals is ever held.
+        """
+        total = self.intensity[-1]
+        point = 0.0
+        for remaining in range(self.profile.visitors, 0, -1):
+            point += (1.0 - point) * (1.0 - self.rng.random() ** (1.0 / remaining))
+            target = point * total
+            segment = min(bisect.bisect_right(self.intensity, target), len(self.knots) - 1)
+            low_mass, high_mass = self.intensity[segment - 1], self.intensity[segment]
+            low, high = self.knots[segment - 1], self.knots[segment]
+            offset = low + (high - low) * (target - low_mass) / (high_mass - low_mass)
+            yield self.start + min(int(offset), self.span - 1)
+
+    def _catalog(self) -> dict[str, list[tuple[str, int]]]:
+        catalog: dict[str, list[tuple[str, int]]] = {}
+        for category, (_, low, high) in CATEGORIES.items():
+            code = category.replace("-", "")[:3].upper()
+            if category == "gift-cards":
+                catalog[category] = [(f"GC-{cents // 100:03d}", cents) for cents in GIFT_CARD_CENTS]
+            else:
+                catalog[category] = [
+                    # Shop prices end in .99 / .49: draw whole units, then take a cent off.
+                    (f"{code}-{n:04d}", self.rng.randint(low // 50, high // 50) * 50 - 1)
+                    for n in range(1, SKUS_PER_CATEGORY + 1)
+                ]
+        return catalog
+
+    # --- visitors ---
+
+    def _visit(self, ts: int, number: int) -> None:
+        nxt = next(self.arrivals, None)
+        if nxt is not None:
+            self._push(nxt, _VISIT, number + 1)
+        rng = self.rng
+        visitor = _Visitor(
+            number=number,
+            visitor_id=f"v-{self.tag}-{number:06d}",
+            customer_id=f"c-{self.tag}-{number:06d}",
+            favourite=self._pick(self.popularity),
+            converts=rng.random() < self.profile.conversion_rate,
+            ip=self._ip(),
+            user_agent=rng.choice(USER_AGENTS),
+        )
+        if rng.random() < self.profile.organic_share:
+            if visitor.converts:
+                self._organic_order(ts, visitor)
+            return
+        self._session(ts, visitor, 1, 1 + self._pick(self.session_weights))
+
+    def _session(self, ts: int, visitor: _Visitor, index: int, sessions: int) -> None:
+        """Session `index` of `sessions`: its clicks, then the next visit or the order."""
+        rng = self.rng
+        session_id = f"s-{self.tag}-{visitor.number:06d}-{index}"
+        clicked = visitor.favourite
+        click_ts = ts
+        for n in range(1 + self._pick(self.click_weights)):
+            if n:
+                gap = MIN_CLICK_GAP_SECONDS + int(rng.expovariate(1 / MEAN_CLICK_GAP_SECONDS))
+                if click_ts + gap >= self.end:
+                    break
+                click_ts += gap
+            if rng.random() >= FAVOURITE_AFFILIATE_SHARE:
+                clicked = self._pick(self.popularity)
+            else:
+                clicked = visitor.favourite
+            self._click(click_ts, visitor, session_id, clicked)
+        if index < sessions:
+            mean = (
+                SAME_DAY_RETURN_MEAN_SECONDS
+                if rng.random() < SAME_DAY_RETURN_SHARE
+                else LATER_RETURN_MEAN_SECONDS
+            )
+            back = click_ts + MIN_RETURN_SECONDS + int(rng.expovariate(1 / mean))
+            if back < self.end:
+                self._push(back, _SESSION, (visitor, index + 1, sessions))
+                return
+        if visitor.converts:
+            self._order_after_click(click_ts, visitor, session_id, self.affiliates[clicked])
+
+    def _click(
+        self,
+        ts: int,
+        visitor: _Visitor,
+        session_id: str,
+        index: int,
+        channel: str | None = None,
+    ) -> None:
+        rng = self.rng
+        affiliate_id = self.affiliates[index].affiliate_id
+        share_id = ""
+        if channel is None:
+            recent = self.recent_shares[index]
+            if recent and rng.random() < SHARED_LINK_SHARE:
+                share_id, channel = rng.choice(recent)
+            elif rng.random() < PRIMARY_CHANNEL_SHARE:
+                channel = self.primary_channel[index]
+            else:
+                channel = rng.choice(CLICK_CHANNELS)
+        event = self._event("click")
+        event["visitor_id"] = visitor.visitor_id
+        event["session_id"] = session_id
+        event["affiliate_id"] = affiliate_id
+        event["channel"] = channel
+        if share_id:
+            event["share_id"] = share_id
+        referrer = self._referrer(channel, index)
+        if referrer:
+            event["referrer"] = referrer
+        category = self.category_names[self._pick(self.category_weights)]
+        sku = rng.choice(self.catalog[category])[0]
+        event["landing_url"] = (
+            f"https://{SHOP}/p/{sku}?aff={affiliate_id}&utm_source={channel}"
+        )
+        event["ip"] = visitor.ip
+        event["user_agent"] = visitor.user_agent
+        self._push(ts, _EMIT, event)
+
+    def _referrer(self, channel: str, index: int) -> str:
+        rng = self.rng
+        if channel == "email" or rng.random() < NO_REFERRER_SHARE:
+            return ""
+        handle = self.handles[index]
+        if channel == "twitter":
+            return f"https://t.co/{self._token(10)}"
+        if channel == "instagram":
+            return "https://l.instagram.com/" if rng.random() < 0.7 else (
+                f"https://www.instagram.com/{handle}/"
+            )
+        if channel == "youtube":
+            return f"https://www.youtube.com/watch?v={self._token(11)}"
+        if channel == "facebook":
+            return "https://l.facebook.com/" if rng.random() < 0.7 else "https://m.facebook.com/"
+        if channel == "tiktok":
+            return f"https://www.tiktok.com/@{handle}"
+        if channel == "blog":
+            return f"https://blog.{handle}.example/posts/{rng.randint(1, 400)}"
+        return "https://www.google.com/" if rng.random() < 0.5 else ""
+
+    def _share(self, ts: int, index: int) -> None:
+        rng = self.rng
+        affiliate_id = self.affiliates[index].affiliate_id
+        channel = (
+            self.primary_channel[index]
+            if rng.random() < PRIMARY_CHANNEL_SHARE
+            else rng.choice(CLICK_CHANNELS)
+        )
+        share_id = f"sh-{self.tag}-{next(self.share_numbers):06d}"
+        category = self.category_names[self._pick(self.category_weights)]
+        event = self._event("share")
+        event["affiliate_id"] = affiliate_id
+        event["share_id"] = share_id
+        event["channel"] = channel
+        event["url"] = f"https://{SHOP}/p/{rng.choice(self.catalog[category])[0]}?aff={affiliate_id}"
+        self.recent_shares[index].append((share_id, channel))
+        self._push(ts, _EMIT, event)
+        following = ts + self._share_gap()
+        if following < self.end:
+            self._push(following, _SHARE, index)
+
+    # --- orders and refunds ---
+
+    def _order_delay(self, after: int) -> int | None:
+        """When an order placed after `after` lands, or None when the day ends first."""
+        rng = self.rng
+        delay = int(rng.lognormvariate(math.log(ORDER_DELAY_MEDIAN_SECONDS), ORDER_DELAY_SIGMA))
+        delay = min(max(delay, MIN_ORDER_DELAY_SECONDS), MAX_ORDER_DELAY_SECONDS)
+        if after + delay < self.end:
+            return after + delay
+        room = self.end - 1 - after
+        if room < MIN_ORDER_DELAY_SECONDS:
+            return None  # the cart was abandoned at the end of the profile
+        return after + rng.randint(MIN_ORDER_DELAY_SECONDS, room)
+
+    def _typed_code(self, affiliate: Affiliate) -> str:
+        code = affiliate.codes[0]
+        return code.lower() if self.rng.random() < LOWER_CASE_CODE_SHARE else code
+
+    def _order_after_click(
+        self, click_ts: int, visitor: _Visitor, session_id: str, clicked: Affiliate
+    ) -> None:
+        ts = self._order_delay(click_ts)
+        if ts is None:
+            return
+        code = ""
+        if clicked.codes and self.rng.random() < self.profile.code_share:
+            code = self._typed_code(clicked)
+        self._order(ts, visitor, session_id=session_id, code=code)
+
+    def _organic_order(self, arrival: int, visitor: _Visitor) -> None:
+        ts = self._order_delay(arrival)
+        if ts is None:
+            return
+        code = ""
+        if self.rng.random() < ORGANIC_CODE_SHARE:
+            friend = self.affiliates[self._pick(self.popularity)]
+            if friend.codes:
+                code = self._typed_code(friend)
+        self._order(ts, visitor, session_id=f"s-{self.tag}-{visitor.number:06d}-1", code=code)
+
+    def _order(
+        self,
+        ts: int,
+        visitor: _Visitor,
+        *,
+        session_id: str,
+        code: str = "",
+        referrer: str = "",
+        refundable: bool = True,
+    ) -> None:
+        rng = self.rng
+        items: list[dict[str, Any]] = []
+        lines: list[tuple[int, int]] = []  # (quantity, price in cents), for refunds
+        total = 0
+        for _ in range(1 + self._pick(self.item_weights)):
+            category = self.category_names[self._pick(self.category_weights)]
+            sku, price = rng.choice(self.catalog[category])
+            quantity = 1 + self._pick(self.quantity_weights)
+            items.append(
+                {"sku": sku, "category": category, "quantity": quantity, "price": _money(price)}
+            )
+            lines.append((quantity, price))
+            total += quantity * price
+        order_id = f"o-{self.tag}-{next(self.order_numbers):07d}"
+        event = self._event("order")
+        event["order_id"] = order_id
+        event["visitor_id"] = visitor.visitor_id
+        event["customer_id"] = visitor.customer_id
+        event["currency"] = CURRENCY
+        event["total"] = _money(total)
+        event["session_id"] = session_id
+        if code:
+            event["discount_code"] = code
+        if referrer:
+            event["referrer"] = referrer
+        event["ip"] = visitor.ip
+        event["user_agent"] = visitor.user_agent
+        event["items"] = items
+        self._push(ts, _EMIT, event)
+        if refundable and rng.random() < self.profile.refund_rate:
+            self._refund(ts, order_id, lines, total)
+
+    def _refund(self, order_ts: int, order_id: str, lines: list[tuple[int, int]], total: int) -> None:
+        rng = self.rng
+        ts = order_ts + rng.randint(MIN_REFUND_DELAY_SECONDS, MAX_REFUND_DELAY_SECONDS)
+        amount, reason = total, rng.choice(("returned", "cancelled", "damaged"))
+        if rng.random() < PARTIAL_REFUND_SHARE:
+            if len(lines) > 1:
+                quantity, price = rng.choice(lines)
+                amount, reason = quantity * price, "returned item"
+            elif lines[0][0] > 1:
+                amount, reason = lines[0][1], "returned one unit"
+            else:
+                amount, reason = max(1, round(total * GOODWILL_REFUND_FRACTION)), "goodwill"
+        event = self._event("refund")
+        event["order_id"] = order_id
+        event["amount"] = _money(amount)
+        event["currency"] = CURRENCY
+        event["reason"] = reason
+        self._push(ts, _EMIT, event)
+
+    # --- planted abuse ---
+
+    def _planted_visitor(self, name: str) -> _Visitor:
+        return _Visitor(
+            number=0,
+            visitor_id=f"p-{self.tag}-{name}",
+            customer_id=f"c-{self.tag}-{name}",
+            favourite=0,
+            converts=True,
+            ip=self._ip(),
+            user_agent=self.rng.choice(USER_AGENTS),
+        )
+
+    def _planted_affiliate(self, affiliate_id: str, toggle: str, need: str) -> int:
+        for index, affiliate in enumerate(self.affiliates):
+            if affiliate.affiliate_id == affiliate_id:
+                has_need = affiliate.codes if need == "code" else affiliate.customer_id
+                if affiliate.active and has_need:
+                    return index
+        raise ValueError(
+            f"{toggle} needs an active affiliate {affiliate_id!r} with a {need} in the "
+            f"reference; turn {toggle} off for this reference"
+        )
+
+    def _plant(self) -> None:
+        profile = self.profile
+        if profile.plant_code_leak:
+            self._plant_code_leak()
+        if profile.plant_self_referral:
+            self._plant_self_referral()
+        if profile.plant_instant_conversions:
+            self._plant_instant_conversions()
+
+    def _plant_code_leak(self) -> None:
+        """LEAK_ORDERS customers with no click use aff-002's code, coming from a coupon site."""
+        leaked = self.affiliates[
+            self._planted_affiliate(LEAKED_CODE_AFFILIATE, "plant_code_leak", "code")
+        ]
+        burst_start = self.start + int((self.span - LEAK_SPAN_SECONDS) * 0.4)
+        offsets = sorted(self.rng.randrange(LEAK_SPAN_SECONDS) for _ in range(LEAK_ORDERS))
+        for n, offset in enumerate(offsets, start=1):
+            visitor = self._planted_visitor(f"leak-{n:02d}")
+            self._order(
+                burst_start + offset,
+                visitor,
+                session_id=f"s-{self.tag}-leak-{n:02d}",
+                code=leaked.codes[0],
+                referrer=f"https://www.{self.coupon_site}/view/{SHOP}",
+                refundable=False,
+            )
+
+    def _plant_self_referral(self) -> None:
+        """aff-003 clicks its own link and orders as its own customer 20 minutes later."""
+        index = self._planted_affiliate(
+            SELF_REFERRING_AFFILIATE, "plant_self_referral", "customer id"
+        )
+        visitor = _Visitor(
+            number=0,
+            visitor_id=f"p-{self.tag}-self-1",
+            customer_id=self.affiliates[index].customer_id,
+            favourite=index,
+            converts=True,
+            ip=self._ip(),
+            user_agent=self.rng.choice(USER_AGENTS),
+        )
+        click_ts = self.start + self.span // 4
+        session_id = f"s-{self.tag}-self-1"
+        self._click(click_ts, visitor, session_id, index, channel="instagram")
+        self._order(click_ts + 20 * 60, visitor, session_id=session_id, refundable=False)
+
+    def _plant_instant_conversions(self) -> None:
+        """A few clicks followed by an order one second later (click injection)."""
+        candidates = [
+            index for index, affiliate in enumerate(self.affiliates)
+            if affiliate.active
+            and affiliate.affiliate_id not in (LEAKED_CODE_AFFILIATE, SELF_REFERRING_AFFILIATE)
+        ]
+        if not candidates:
+            raise ValueError(
+                "plant_instant_conversions needs an active affiliate besides the planted ones; "
+                "turn plant_instant_conversions off for this reference"
+            )
+        for n in range(1, INSTANT_CONVERSIONS + 1):
+            index = candidates[min(self._pick(self.popularity), len(candidates) - 1)]
+            visitor = self._planted_visitor(f"instant-{n}")
+            click_ts = self.start + int(self.span * (0.4 + 0.15 * n))
+            session_id = f"s-{self.tag}-instant-{n}"
+            self._click(click_ts, visitor, session_id, index)
+            self._order(
+                click_ts + INSTANT_CONVERSION_SECONDS,
+                visitor,
+                session_id=session_id,
+                refundable=False,
+            )
