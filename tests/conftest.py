@@ -86,7 +86,7 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.expect_exit = False
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "attribution", "worker", "--loglevel", "warn"],
+            [sys.executable, "-m", "attribution", "worker", "--loglevel", "info"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
         return self

@@ -1,0 +1,76 @@
+"""The `attribution` console script as an operator runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from tests_support import REFERENCE_FILE_TEXT
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = [[], ["stack"], ["db"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
+            ["db", "migrate"], ["load-reference"], ["produce"], ["worker"], ["report"], ["demo"]]
+
+
+def attribution(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "attribution", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "attribution")
+def test_every_command_explains_itself_with_help(command):
+    result = subprocess.run([sys.executable, "-m", "attribution", *command, "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_migrate_twice_produce_worker_and_report_in_json(isolated, tmp_path):
+    env = isolated.env
+    first = attribution(env, "db", "migrate")
+    second = attribution(env, "db", "migrate")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "up to date" in second.stdout
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(REFERENCE_FILE_TEXT)
+    loaded = attribution(env, "load-reference", str(reference))
+    assert loaded.returncode == 0, loaded.stderr
+    assert "1 programs, 1 affiliates" in loaded.stdout
+
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"event_id":"c1","type":"click","ts":"2026-11-02T10:00:00Z","visitor_id":"v1",'
+        '"session_id":"s1","affiliate_id":"sally","channel":"email"}\n'
+        '{"event_id":"o1","type":"order","ts":"2026-11-02T11:00:00Z","order_id":"o1",'
+        '"visitor_id":"v1","customer_id":"c9","currency":"EUR","total":"200.00"}\n'
+        'not json\n'
+        '{"type":"teleport"}\n'
+    )
+    produced = attribution(env, "produce", str(events))
+    assert produced.returncode == 0, produced.stderr
+    assert "total sent 2, skipped 2" in produced.stdout
+    assert "not_json" in produced.stdout and "unknown_type" in produced.stdout
+
+    isolated.worker().start()
+    isolated.wait_for("SELECT count() FROM {db}.commission_facts FINAL", lambda n: n == 1)
+    report = attribution(env, "report", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    rows = orjson.loads(report.stdout)
+    assert rows == [{
+        "affiliate_id": "sally", "channel": "email", "currency": "EUR", "clicks": 1, "shares": 0,
+        "orders": 1, "conversion_rate": "1.0000", "revenue": "200.00", "net_commission": "20.00",
+        "pending": "20.00", "approved": "0.00", "held": "0.00",
+    }]
+
+
+def test_a_bad_reference_file_is_rejected_with_the_path_of_the_problem(isolated, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(REFERENCE_FILE_TEXT.replace('"percent"', '"bogus"'))
+    result = attribution(isolated.env, "load-reference", str(bad))
+    assert result.returncode == 2
+    assert "programs[0].commission" in result.stderr.replace("\n", "")
