@@ -107,6 +107,11 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
 
+    def dump_stacks(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGUSR1)
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

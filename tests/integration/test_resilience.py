@@ -69,7 +69,10 @@ def wait_for_counts(isolated, expected: dict[str, int], timeout: float = 240.0,
         if seen != last_seen:
             last_change, last_seen = time.monotonic(), seen
         elif xfail_on_stall and seen and time.monotonic() - last_change > xfail_on_stall:
-            logs = "\n".join(w.log_path.read_text(errors="replace")[-6000:] for w in isolated.workers)
+            for worker in isolated.workers:
+                worker.dump_stacks()  # mode's SIGUSR1 handler logs every thread and task stack
+            time.sleep(3)
+            logs = "\n".join(w.log_path.read_text(errors="replace")[-12000:] for w in isolated.workers)
             pytest.xfail(f"restarted worker stalled at {seen} (expected {expected}):\n{logs}")
         for worker in isolated.workers:
             worker.assert_alive_or_expected()
