@@ -17,9 +17,9 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from attribution.progress import progress_bar
 from schemas.config import Config
 
 app = typer.Typer(
@@ -145,7 +145,7 @@ def produce(
 
     config = load_config()
     ensure_topics(config, progress=lambda line: console.print(line))
-    with file.open("rb") as handle, _progress() as progress:
+    with file.open("rb") as handle, progress_bar(console, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("producing", total=_count_lines(file))
         summary = produce_lines(config, handle, on_line=lambda n: progress.advance(task, n))
     for topic, count in sorted(summary.sent.items()):
@@ -235,11 +235,6 @@ def demo(
              print_report=print_report_table)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False, disable=not sys.stderr.isatty(),
-    )
 
 
 def _count_lines(path: Path) -> int:

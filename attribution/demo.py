@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from attribution.progress import progress_bar
 from deploy.stack import Stack, StackError
 from loadtests.generator import TrafficProfile, generate, sample_reference
 from schemas.config import Config
@@ -61,7 +61,7 @@ def run_demo(
             if event["type"] == "order":
                 order_ids.add(event["order_id"])
             lines.append(orjson.dumps(event))
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             task = progress.add_task("[bold]4/5[/] producing a day of traffic", total=len(lines))
             summary = produce_lines(config, lines, on_line=lambda n: progress.advance(task, n))
             say(f"  sent {summary.total_sent} events: " + ", ".join(
@@ -125,7 +125,3 @@ def _settle(config: Config, quiet_seconds: float = 3.0) -> None:
     finally:
         client.disconnect()
 
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)

@@ -25,7 +25,7 @@ from schemas.config import (
     Config,
 )
 from sinks.clickhouse import RowSink
-from sinks.rows import TABLES
+from sinks.rows import TABLES, share_row
 
 from .barrier import ClickBarrier
 from .ingest import Validator, forward
@@ -143,23 +143,14 @@ def create_app(config: Config) -> faust.App:
         await forward(visitor_events, await click_validator.split(events), "visitor_id")
 
     async def ingest_shares(events: Any) -> None:
-        from sinks.rows import share_row
-
         for item in await share_validator.split(events):
             shares_sink.add("shares", share_row(item.event))  # type: ignore[arg-type]
         await flush_in_thread(shares_sink)
-
-    barrier_started = asyncio.Lock()
-    barrier_ready: list[bool] = []
 
     async def ingest_orders(events: Any) -> None:
         valid = await order_validator.split(events)
         if not valid:
             return
-        async with barrier_started:
-            if not barrier_ready:
-                await barrier.start()
-                barrier_ready.append(True)
         await barrier.wait_for_earlier_clicks()
         await forward(visitor_events, valid, "visitor_id")
 

@@ -56,7 +56,9 @@ class ClickBarrier:
 
     async def wait_for_earlier_clicks(self) -> float:
         """Return once every click published before this call has been forwarded; seconds waited."""
-        assert self._consumer is not None and self._admin is not None, "start() first"
+        if self._consumer is None:
+            await self.start()  # lazily: the clicks topic exists by the time orders flow
+        assert self._consumer is not None and self._admin is not None
         started = time.monotonic()
         targets = await self._consumer.end_offsets(self._partitions)
         targets = {tp: end for tp, end in targets.items() if end > 0}
