@@ -21,6 +21,12 @@ REFERENCE_TOPICS = ("ref-programs", "ref-affiliates", "ref-settings")
 #: Internal topics the worker owns: visitor-keyed clicks+orders, order-keyed ledger input.
 VISITOR_EVENTS_TOPIC = "visitor-events"
 LEDGER_EVENTS_TOPIC = "ledger-events"
+#: Decided orders that used a discount code, keyed by the normalised code (code velocity).
+CODE_EVENTS_TOPIC = "code-events"
+#: Reviewer decisions on held orders (`attribution review`), keyed by order_id.
+REVIEWS_TOPIC = "reviews"
+#: Every abuse flag raised, for alerting systems, keyed by order_id.
+ABUSE_FLAGS_TOPIC = "abuse-flags"
 
 
 class ClickHouseTarget:

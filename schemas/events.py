@@ -99,6 +99,8 @@ class Order:
     ip: str = ""
     user_agent: str = ""
     items: tuple[OrderItem, ...] = ()
+    #: Optional, not in contract v1: the discount the code gave, for per-code leak reporting.
+    discount_amount: Decimal = Decimal("0")
 
     type: Literal["order"] = "order"
 
@@ -116,3 +118,20 @@ class Refund:
 
 
 Event = Union[Click, Share, Order, Refund]
+
+#: Decisions a reviewer can take on a held order (not contract input: published by
+#: `attribution review` to the `reviews` topic, keyed by order_id).
+ReviewDecision = Literal["release", "reject"]
+REVIEW_DECISIONS: tuple[str, ...] = ("release", "reject")
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    event_id: str
+    ts: datetime
+    order_id: str
+    decision: ReviewDecision
+    reviewer: str
+    note: str = ""
+
+    type: Literal["review"] = "review"

@@ -26,6 +26,8 @@ class Touch:
     affiliate_id: str
     channel: str
     referrer_host: str = ""
+    #: The paid-ads click id parameter on the click's landing URL (e.g. "gclid"), or "".
+    paid_click_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,10 @@ class DecidedOrder:
     flags: tuple[AbuseFlag, ...]
     ledger: OrderLedger | None  # None when unattributed
     accrual: CommissionFact | None  # None when unattributed
+    #: For per-code leak reporting: the coupon site the order or the visitor's latest click came
+    #: from ('' if none), and the discount the code gave (0 when the producer did not say).
+    coupon_site: str = ""
+    discount_amount: Decimal = Decimal("0")
 
     @property
     def commission(self) -> Decimal:
@@ -69,6 +73,8 @@ class DecidedOrder:
                 "flags": [[f.reason, f.severity, f.detail] for f in self.flags],
                 "ledger": self.ledger.to_dict() if self.ledger else None,
                 "accrual": fact_to_dict(self.accrual) if self.accrual else None,
+                "coupon_site": self.coupon_site,
+                "discount_amount": str(self.discount_amount),
             }
         )
 
@@ -91,6 +97,8 @@ class DecidedOrder:
             flags=tuple(AbuseFlag(r, s, d) for r, s, d in obj["flags"]),  # type: ignore[arg-type]
             ledger=OrderLedger.from_dict(obj["ledger"]) if obj["ledger"] else None,
             accrual=fact_from_dict(obj["accrual"]) if obj["accrual"] else None,
+            coupon_site=obj.get("coupon_site", ""),
+            discount_amount=Decimal(obj.get("discount_amount", "0")),
         )
 
 

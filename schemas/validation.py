@@ -31,11 +31,22 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, timezone
 from decimal import Decimal
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, Literal, NoReturn, cast, get_args
 
 import orjson
 
-from .events import Click, Event, Order, OrderItem, Refund, Share, normalise_channel
+from .events import (
+    REVIEW_DECISIONS,
+    Click,
+    Event,
+    Order,
+    OrderItem,
+    Refund,
+    Review,
+    ReviewDecision,
+    Share,
+    normalise_channel,
+)
 from .reference import (
     DEFAULT_ATTRIBUTION_WINDOW_DAYS,
     DEFAULT_COUPON_SITES,
@@ -301,6 +312,13 @@ def _decimal(obj: Mapping[str, object], key: str, *, positive: bool, prefix: str
     return number
 
 
+def _optional_decimal(obj: Mapping[str, object], key: str) -> Decimal:
+    """An optional amount >= 0; absent or null is 0."""
+    if obj.get(key) is None:
+        return Decimal("0")
+    return _decimal(obj, key, positive=False)
+
+
 def _currency(obj: Mapping[str, object], *, required: bool) -> str:
     value = obj.get("currency")
     if type(value) is str:
@@ -384,6 +402,7 @@ def _order(obj: Mapping[str, object], event_id: str, ts: datetime) -> Order:
         ip=_optional_str(obj, "ip"),
         user_agent=_optional_str(obj, "user_agent"),
         items=_items(obj),
+        discount_amount=_optional_decimal(obj, "discount_amount"),
     )
 
 
@@ -439,6 +458,41 @@ def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
             f"a {event_type!r} event on the topic of {expected_type!r} events",
         )
     return decoder(obj, _required_str(obj, "event_id"), _timestamp(obj))
+
+
+def decode_review(raw: bytes) -> Review:
+    """A reviewer's decision on a held order (the `reviews` topic), or `InvalidEvent`."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too_large", f"review is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("not_json", f"not valid UTF-8 JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise InvalidEvent("not_object", f"a review must be a JSON object, got {_json_type(obj)}")
+    if obj.get("type") != "review":
+        raise InvalidEvent("type_mismatch", f"expected type 'review', got {_brief(obj.get('type'))}")
+    decision = _required_str(obj, "decision")
+    if decision not in REVIEW_DECISIONS:
+        raise InvalidEvent(
+            "out_of_range", f"field 'decision' must be release or reject, got {decision[:60]!r}"
+        )
+    return Review(
+        event_id=_required_str(obj, "event_id"),
+        ts=_timestamp(obj),
+        order_id=_required_str(obj, "order_id"),
+        decision=cast(ReviewDecision, decision),
+        reviewer=_required_str(obj, "reviewer"),
+        note=_optional_str(obj, "note"),
+    )
+
+
+def review_to_json(review: Review) -> bytes:
+    return orjson.dumps(
+        {"type": "review", "event_id": review.event_id, "ts": _rfc3339_utc(review.ts),
+         "order_id": review.order_id, "decision": review.decision, "reviewer": review.reviewer,
+         "note": review.note}
+    )
 
 
 # --- JSON encoding -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Metrics:
     dead_letters: Counter
     orders_attributed: Counter
     abuse_flags: Counter
+    reviews: Counter
     facts_written: Counter
     clickhouse_insert_rows: Counter
     clickhouse_insert_batches: Counter
@@ -49,6 +50,9 @@ def _build() -> Metrics:
             "attribution_orders_attributed", "Orders written, by attribution method", ["method"]
         ),
         abuse_flags=Counter("attribution_abuse_flags", "Abuse flags raised", ["reason"]),
+        reviews=Counter(
+            "attribution_reviews", "Reviewer decisions applied, by outcome", ["outcome"]
+        ),
         facts_written=Counter("attribution_facts_written", "Ledger facts written", ["kind"]),
         clickhouse_insert_rows=Counter(
             "attribution_clickhouse_insert_rows", "Rows inserted into ClickHouse", ["table"]

@@ -10,8 +10,10 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from schemas.events import Click, Share
-from schemas.facts import CommissionFact
+import orjson
+
+from schemas.events import Click, Review, Share
+from schemas.facts import AbuseFlag, CommissionFact
 from schemas.internal import DecidedOrder
 from schemas.reference import normalise_code
 
@@ -34,7 +36,7 @@ TABLES: dict[str, Table] = {
             "attributed_orders",
             ("order_id", "ts", "visitor_id", "customer_id", "affiliate_id", "program_id", "method",
              "click_event_id", "channel", "discount_code", "total", "currency", "commission",
-             "flags", "status", "version"),
+             "flags", "status", "version", "coupon_site", "discount_amount"),
         ),
         Table(
             "commission_facts",
@@ -44,6 +46,11 @@ TABLES: dict[str, Table] = {
         Table(
             "abuse_flags",
             ("order_id", "ts", "affiliate_id", "discount_code", "reason", "severity", "detail"),
+        ),
+        Table(
+            "reviews",
+            ("review_id", "order_id", "ts", "decision", "reviewer", "note", "affiliate_id",
+             "outcome"),
         ),
     )
 }
@@ -68,7 +75,8 @@ def order_row(order: DecidedOrder) -> tuple[Any, ...]:
     return (order.order_id, _utc(order.ts), order.visitor_id, order.customer_id,
             order.affiliate_id, order.program_id, order.method, order.click_event_id,
             order.channel, normalise_code(order.discount_code), order.total.quantize(CENT, ROUND_HALF_UP),
-            order.currency, order.commission, [f.reason for f in order.flags], order.status, 0)
+            order.currency, order.commission, [f.reason for f in order.flags], order.status, 0,
+            order.coupon_site, order.discount_amount.quantize(CENT, ROUND_HALF_UP))
 
 
 def fact_row(fact: CommissionFact, channel: str, order_ts: datetime) -> tuple[Any, ...]:
@@ -82,3 +90,19 @@ def flag_rows(order: DecidedOrder) -> list[tuple[Any, ...]]:
          flag.severity, flag.detail)
         for flag in order.flags
     ]
+
+
+def review_row(review: Review, affiliate_id: str, outcome: str) -> tuple[Any, ...]:
+    return (review.event_id, review.order_id, _utc(review.ts), review.decision, review.reviewer,
+            review.note, affiliate_id, outcome)
+
+
+def flag_message(order: DecidedOrder, flag: AbuseFlag) -> bytes:
+    """One flag as published to the `abuse-flags` topic for alerting systems."""
+    return orjson.dumps(
+        {"order_id": order.order_id, "ts": _utc(order.ts).isoformat() + "Z",
+         "affiliate_id": order.affiliate_id, "program_id": order.program_id,
+         "discount_code": normalise_code(order.discount_code), "reason": flag.reason,
+         "severity": flag.severity, "detail": flag.detail, "status": order.status,
+         "total": str(order.total), "currency": order.currency}
+    )

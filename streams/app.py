@@ -19,8 +19,11 @@ from typing import Any, Awaitable, Callable
 import faust
 
 from schemas.config import (
+    ABUSE_FLAGS_TOPIC,
+    CODE_EVENTS_TOPIC,
     DEAD_LETTERS_TOPIC,
     LEDGER_EVENTS_TOPIC,
+    REVIEWS_TOPIC,
     VISITOR_EVENTS_TOPIC,
     Config,
 )
@@ -28,6 +31,7 @@ from sinks.clickhouse import RowSink
 from sinks.rows import TABLES, share_row
 
 from .barrier import ClickBarrier
+from .codes import CodeStage
 from .ingest import Validator, forward
 from .join import JoinStage
 from .ledger import LedgerStage
@@ -37,6 +41,16 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a worker stopped by an error it must not skip past (EX_SOFTWARE).
 FATAL_EXIT_CODE = 70
+#: Records per consumer fetch (Faust's default is unbounded). Faust's conductor hands fetched
+#: records to each agent's queue; when a queue is *full* it awaits room, which blocks delivery to
+#: every agent of the worker. The orders agent legitimately holds its queue at the click barrier
+#: until clicks (delivered by the same conductor) are committed, so a full orders queue would
+#: deadlock the worker: seen after a kill -9 restart with a large backlog. Faust pauses fetching a
+#: partition once its queue passes 80 % (1/1.25) of `stream_buffer_maxsize`; with fetches bounded
+#: to this many records, the 20 % headroom above that mark is never exhausted.
+MAX_POLL_RECORDS = 500
+#: Queue size per agent: >= 5 x MAX_POLL_RECORDS leaves 20 % headroom >= one fetch (see above).
+STREAM_BUFFER_MAXSIZE = 10 * MAX_POLL_RECORDS
 #: Commit offsets every 0.5 s: orders wait for click commits (see barrier.py), so this bounds the
 #: extra order latency; Faust's default 2.8 s would eat the whole latency budget.
 COMMIT_INTERVAL_SECONDS = 0.5
@@ -71,7 +85,8 @@ def create_app(config: Config) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_linger=0.005,
-        stream_buffer_maxsize=max(4096, config.batch_size * 2),
+        broker_max_poll_records=MAX_POLL_RECORDS,
+        stream_buffer_maxsize=max(STREAM_BUFFER_MAXSIZE, config.batch_size * 2),
         table_standby_replicas=0,
         # 10 s: after a crash the group waits this long for the dead member before rebalancing;
         # heartbeats run on their own task, so a ClickHouse outage does not expire the session.
@@ -87,9 +102,12 @@ def create_app(config: Config) -> faust.App:
         )
 
     clicks, shares, orders, refunds = (raw_topic(n) for n in ("clicks", "shares", "orders", "refunds"))
+    reviews = raw_topic(REVIEWS_TOPIC)
     dead_letters = raw_topic(DEAD_LETTERS_TOPIC)
     visitor_events = raw_topic(VISITOR_EVENTS_TOPIC)
+    code_events = raw_topic(CODE_EVENTS_TOPIC)
     ledger_events = raw_topic(LEDGER_EVENTS_TOPIC)
+    abuse_flags = raw_topic(ABUSE_FLAGS_TOPIC)
 
     touches = app.Table(
         "touches", default=None, partitions=config.partitions,
@@ -97,6 +115,10 @@ def create_app(config: Config) -> faust.App:
     )
     order_ledgers = app.Table(
         "order-ledgers", default=None, partitions=config.partitions,
+        key_type=bytes, value_type=bytes,
+    )
+    code_redemptions = app.Table(
+        "code-redemptions", default=None, partitions=config.partitions,
         key_type=bytes, value_type=bytes,
     )
 
@@ -107,11 +129,14 @@ def create_app(config: Config) -> faust.App:
         return RowSink(config.clickhouse, TABLES)
 
     join_stage = JoinStage(
-        config.topic(VISITOR_EVENTS_TOPIC), touches, ledger_events, sink(),
+        config.topic(VISITOR_EVENTS_TOPIC), touches, ledger_events, code_events, sink(),
         lambda: reference.snapshot, flush_in_thread,
     )
+    code_stage = CodeStage(
+        config.topic(CODE_EVENTS_TOPIC), code_redemptions, ledger_events, lambda: reference.snapshot
+    )
     ledger_stage = LedgerStage(
-        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), flush_in_thread
+        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), abuse_flags, flush_in_thread
     )
     shares_sink = sink()
 
@@ -138,6 +163,7 @@ def create_app(config: Config) -> faust.App:
     share_validator = Validator("shares", "share", dead_letters)
     order_validator = Validator("orders", "order", dead_letters)
     refund_validator = Validator("refunds", "refund", dead_letters)
+    review_validator = Validator("reviews", "review", dead_letters)
 
     async def ingest_clicks(events: Any) -> None:
         await forward(visitor_events, await click_validator.split(events), "visitor_id")
@@ -157,11 +183,16 @@ def create_app(config: Config) -> faust.App:
     async def ingest_refunds(events: Any) -> None:
         await forward(ledger_events, await refund_validator.split(events), "order_id")
 
+    async def ingest_reviews(events: Any) -> None:
+        await forward(ledger_events, await review_validator.split(events), "order_id")
+
     app.agent(clicks, name="ingest-clicks")(guarded("ingest-clicks", ingest_clicks))
     app.agent(shares, name="ingest-shares")(guarded("ingest-shares", ingest_shares))
     app.agent(orders, name="ingest-orders")(guarded("ingest-orders", ingest_orders))
     app.agent(refunds, name="ingest-refunds")(guarded("ingest-refunds", ingest_refunds))
+    app.agent(reviews, name="ingest-reviews")(guarded("ingest-reviews", ingest_reviews))
     app.agent(visitor_events, name="join")(guarded("join", join_stage.process))
+    app.agent(code_events, name="codes")(guarded("codes", code_stage.process))
     app.agent(ledger_events, name="ledger")(guarded("ledger", ledger_stage.process))
 
     @app.task

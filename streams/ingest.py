@@ -14,14 +14,14 @@ from typing import Any
 
 from faust.types import EventT, TopicT
 
-from schemas.events import Event
-from schemas.validation import InvalidEvent, decode_event
+from schemas.events import Event, Review
+from schemas.validation import InvalidEvent, decode_event, decode_review
 from sinks.metrics import METRICS
 
 
 @dataclass(frozen=True, slots=True)
 class Valid:
-    event: Event
+    event: Event | Review
     raw: bytes
     key: bytes | None
     partition: int
@@ -44,7 +44,10 @@ class Validator:
             message = event.message
             raw = message.value if isinstance(message.value, bytes) else b""
             try:
-                decoded = decode_event(raw, self.expected_type)
+                decoded: Event | Review = (
+                    decode_review(raw) if self.expected_type == "review"
+                    else decode_event(raw, self.expected_type)
+                )
             except InvalidEvent as exc:
                 await self.dead_letter(message, exc)
                 continue

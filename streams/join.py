@@ -3,8 +3,9 @@
 Reads `visitor-events` (keyed by visitor_id). Per visitor, the `touches` table keeps what contract
 §4 needs of each click, plus the `visitor-events` offset that added it: an order at offset X only
 sees touches added below X, so a replay after a crash decides exactly as the first run did even
-though the table may already hold later clicks. Decisions go to `ledger-events`, where the first
-decision per order wins. Click rows are in ClickHouse before the table records the click, so a
+though the table may already hold later clicks. Decisions go to `ledger-events` (keyed by order),
+where the first decision per order wins, or, for orders with a discount code, first through
+`code-events` (keyed by the normalised code) to the code stage. Click rows are in ClickHouse before the table records the click, so a
 click the table already knows was written.
 """
 
@@ -21,25 +22,26 @@ from faust.types import EventT, TableT, TopicT
 from schemas.events import Click, Order
 from schemas.facts import Touch
 from schemas.internal import DecidedOrder
-from schemas.reference import ReferenceData
+from schemas.reference import ReferenceData, normalise_code
 from schemas.validation import decode_event
 from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
 from sinks.rows import click_row
 
 from .context import in_partition
-from .rules.abuse import flags_for_order
+from .rules.abuse import coupon_site_seen, flags_for_order
 from .rules.attribution import attribute, latest_touch, remember_touch, touch_from_click, touch_horizon
 from .rules.commission import commission_for
 from .rules.ledger import open_ledger
 
-#: A stored touch: [event_id, ts (epoch seconds), affiliate_id, channel, referrer_host, offset].
+#: A stored touch: [event_id, ts (epoch seconds), affiliate_id, channel, referrer_host, offset,
+#: paid_click_id] (the last is absent in state written before it existed).
 StoredTouch = list[Any]
 
 
 def _to_touch(stored: StoredTouch) -> Touch:
     return Touch(stored[0], datetime.fromtimestamp(stored[1], timezone.utc), stored[2], stored[3],
-                 stored[4])
+                 stored[4], stored[6] if len(stored) > 6 else "")
 
 
 @dataclass
@@ -60,6 +62,7 @@ class JoinStage:
     topic_name: str
     touches: TableT
     ledger_events: TopicT
+    code_events: TopicT
     sink: RowSink
     reference: Callable[[], ReferenceData]
     _flush: Callable[[RowSink], Any] = field(default=lambda sink: sink.flush())
@@ -70,10 +73,9 @@ class JoinStage:
         program = ref.program_of(affiliate) if affiliate else None
         ledger = accrual = None
         flags: tuple = ()
+        latest = latest_touch(touches, order.ts)
         if affiliate is not None and program is not None and attribution.method != "none":
-            flags = flags_for_order(
-                order, attribution, affiliate, latest_touch(touches, order.ts), ref, None
-            )
+            flags = flags_for_order(order, attribution, affiliate, latest, ref, None)
             commission = commission_for(order, affiliate, program)
             ledger, accrual = open_ledger(order, attribution, program, commission, flags)
         click = attribution.click
@@ -94,6 +96,9 @@ class JoinStage:
             flags=flags,
             ledger=ledger,
             accrual=accrual,
+            coupon_site=coupon_site_seen(order, latest, ref.settings.coupon_sites)
+            if order.discount_code else "",
+            discount_amount=order.discount_amount,
         )
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -113,7 +118,7 @@ class JoinStage:
 
         for event in events:
             message = event.message
-            decoded = decode_event(message.value)  # validated by the ingest stage already
+            decoded = decode_event(message.value or b"")  # validated by the ingest stage already
             key = decoded.visitor_id.encode()  # type: ignore[union-attr]
             state = state_of(key, message.partition)
             if isinstance(decoded, Click):
@@ -126,7 +131,7 @@ class JoinStage:
                 offsets[touch.event_id] = message.offset
                 state.touches = [
                     [t.event_id, t.ts.timestamp(), t.affiliate_id, t.channel, t.referrer_host,
-                     offsets[t.event_id]]
+                     offsets[t.event_id], t.paid_click_id]
                     for t in kept
                 ]
                 state.dirty = True
@@ -134,8 +139,11 @@ class JoinStage:
                 latency_from.append(message.timestamp)
             elif isinstance(decoded, Order):
                 decided = self.decide(decoded, state.visible_at(message.offset), ref)
-                await self.ledger_events.send(
-                    key=decoded.order_id.encode(), value=decided.to_json(),
+                # Orders with a code pass the code stage (velocity needs state keyed by code).
+                code = normalise_code(decoded.discount_code)
+                topic, key = (self.code_events, code) if code else (self.ledger_events, decoded.order_id)
+                await topic.send(
+                    key=key.encode(), value=decided.to_json(),
                     timestamp=message.timestamp, key_serializer="raw", value_serializer="raw",
                 )
 

@@ -1,9 +1,14 @@
 """Stage 3: the commission ledger, keyed by order_id.
 
-Reads `ledger-events`: decided orders from the join stage and valid refunds from the ingest stage.
-Per order, the `order_ledgers` table remembers whether the order was decided (the first decision
-wins; later ones are duplicates or replays), its `OrderLedger`, the refunds applied, and refunds
-that arrived before their order (they wait in the entry and are applied when it comes).
+Reads `ledger-events`: decided orders from the join and code stages, valid refunds and reviews
+from the ingest stage. Per order, the `order_ledgers` table remembers whether the order was
+decided (the first decision wins; later ones are duplicates or replays), its `OrderLedger`, the
+refunds and reviews applied, and refunds or reviews that arrived before their order (they wait in
+the entry and are applied, in event-time order, when it comes).
+
+Each newly recorded order's flags are also published to `abuse-flags` (keyed by order_id) for
+alerting systems: after its rows are in ClickHouse, before the batch's offsets are committed, so a
+crash can publish a flag twice (at least once; consumers dedupe by order_id + reason).
 
 Approvals: the stage's event time (the largest `ts` it has processed, across its partitions) is
 compared with each pending order's lock end after every batch. An in-memory index of pending
@@ -23,18 +28,19 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
-from faust.types import EventT, TableT
+from faust.types import EventT, TableT, TopicT
 
-from schemas.events import Refund
+
+from schemas.events import Refund, Review
 from schemas.facts import CommissionFact, OrderLedger
 from schemas.internal import DECIDED_ORDER_TYPE, DecidedOrder
-from schemas.validation import decode_event
+from schemas.validation import decode_event, decode_review
 from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
-from sinks.rows import fact_row, flag_rows, order_row
+from sinks.rows import fact_row, flag_message, flag_rows, order_row, review_row
 
 from .context import in_partition
-from .rules.ledger import apply_refund, approve_if_due
+from .rules.ledger import apply_refund, apply_review, approve_if_due
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,8 @@ class Entry:
     decided: bool = False
     channel: str = ""
     ledger: OrderLedger | None = None
-    refunds: list[str] = field(default_factory=list)  # event_ids applied
-    waiting: list[str] = field(default_factory=list)  # raw refunds waiting for the order
+    refunds: list[str] = field(default_factory=list)  # event_ids of refunds and reviews applied
+    waiting: list[str] = field(default_factory=list)  # raw refunds/reviews waiting for the order
     dirty: bool = False
 
     @classmethod
@@ -81,12 +87,23 @@ class Entry:
         return self.ledger is not None and self.ledger.status == "pending" and not self.ledger.approved
 
 
+def _decode_waiting(raw: str) -> Refund | Review:
+    data = raw.encode()
+    if orjson.loads(data).get("type") == "review":
+        return decode_review(data)
+    refund = decode_event(data, "refund")
+    assert isinstance(refund, Refund)
+    return refund
+
+
 @dataclass
 class LedgerStage:
     topic_name: str
     table: TableT
     sink: RowSink
+    abuse_flags: TopicT | None = None
     _flush: Callable[[RowSink], Any] = field(default=lambda sink: sink.flush())
+    _flag_messages: list[tuple[bytes, bytes]] = field(default_factory=list)
     watermark: datetime = datetime.min.replace(tzinfo=timezone.utc)
     _due: list[tuple[datetime, str, int]] = field(default_factory=list)  # (lock_end, order, partition)
     _indexed_partitions: set[int] = field(default_factory=set)
@@ -105,19 +122,31 @@ class LedgerStage:
 
         for event in events:
             message = event.message
-            obj = orjson.loads(message.value)
-            if obj.get("type") == DECIDED_ORDER_TYPE:
+            raw: bytes = message.value or b""
+            obj = orjson.loads(raw)
+            kind = obj.get("type")
+            if kind == DECIDED_ORDER_TYPE:
                 order = DecidedOrder.from_dict(obj)
                 self.watermark = max(self.watermark, order.ts)
                 self._record_order(order, entry_of(order.order_id, message.partition))
+            elif kind == "review":
+                # A reviewer's decision is not pipeline event time: it does not move the watermark.
+                review = decode_review(raw)
+                self._record_later(review, raw, entry_of(review.order_id, message.partition))
             else:
-                refund = decode_event(message.value, "refund")
+                refund = decode_event(raw, "refund")
                 assert isinstance(refund, Refund)
                 self.watermark = max(self.watermark, refund.ts)
-                self._record_refund(refund, message.value, entry_of(refund.order_id, message.partition))
+                self._record_later(refund, raw, entry_of(refund.order_id, message.partition))
 
         self._approve_due(entry_of)
         await self._flush(self.sink)
+        if self.abuse_flags is not None:
+            for key, value in self._flag_messages:
+                await self.abuse_flags.send(
+                    key=key, value=value, key_serializer="raw", value_serializer="raw"
+                )
+        self._flag_messages.clear()
         for order_id, entry in entries.items():
             if entry.dirty:
                 with in_partition(self.topic_name, entry.partition):
@@ -137,30 +166,49 @@ class LedgerStage:
             self.sink.add("abuse_flags", row)
         for flag in order.flags:
             METRICS.abuse_flags.labels(flag.reason).inc()
+            self._flag_messages.append((order.order_id.encode(), flag_message(order, flag)))
         if order.accrual is not None:
             self._write_fact(order.accrual, entry)
         if entry.awaits_approval():
             assert entry.ledger is not None
             heapq.heappush(self._due, (entry.ledger.lock_end, order.order_id, entry.partition))
         waiting = sorted(
-            (decode_event(raw.encode(), "refund") for raw in entry.waiting),
-            key=lambda r: (r.ts, r.event_id),
+            (_decode_waiting(raw) for raw in entry.waiting), key=lambda r: (r.ts, r.event_id)
         )
         entry.waiting = []
-        for refund in waiting:
-            assert isinstance(refund, Refund)
-            self._apply_refund(refund, entry)
+        for later in waiting:
+            self._apply_later(later, entry)
 
-    def _record_refund(self, refund: Refund, raw: bytes, entry: Entry) -> None:
+    def _record_later(self, later: Refund | Review, raw: bytes, entry: Entry) -> None:
+        """A refund or review: applied now, or kept until its order is decided."""
         waiting_ids = {orjson.loads(w)["event_id"] for w in entry.waiting}
-        if refund.event_id in entry.refunds or refund.event_id in waiting_ids:
-            METRICS.events_duplicate.labels("refunds").inc()
+        if later.event_id in entry.refunds or later.event_id in waiting_ids:
+            METRICS.events_duplicate.labels("reviews" if isinstance(later, Review) else "refunds").inc()
             return
         entry.dirty = True
         if not entry.decided:
             entry.waiting.append(raw.decode())
             return
-        self._apply_refund(refund, entry)
+        self._apply_later(later, entry)
+
+    def _apply_later(self, later: Refund | Review, entry: Entry) -> None:
+        if isinstance(later, Review):
+            self._apply_review(later, entry)
+        else:
+            self._apply_refund(later, entry)
+
+    def _apply_review(self, review: Review, entry: Entry) -> None:
+        entry.refunds.append(review.event_id)
+        if entry.ledger is None:
+            self.sink.add("reviews", review_row(review, "", "ignored: order is unattributed"))
+            return
+        entry.ledger, fact, outcome = apply_review(entry.ledger, review)
+        self.sink.add("reviews", review_row(review, entry.ledger.affiliate_id, outcome))
+        METRICS.reviews.labels(outcome.split(":")[0]).inc()
+        if fact is not None:
+            self._write_fact(fact, entry)
+        if entry.awaits_approval():  # released: approved at its lock end like any pending order
+            heapq.heappush(self._due, (entry.ledger.lock_end, review.order_id, entry.partition))
 
     def _apply_refund(self, refund: Refund, entry: Entry) -> None:
         entry.refunds.append(refund.event_id)

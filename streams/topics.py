@@ -13,10 +13,13 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from schemas.config import (
+    ABUSE_FLAGS_TOPIC,
+    CODE_EVENTS_TOPIC,
     DEAD_LETTERS_TOPIC,
     INPUT_TOPICS,
     LEDGER_EVENTS_TOPIC,
     REFERENCE_TOPICS,
+    REVIEWS_TOPIC,
     VISITOR_EVENTS_TOPIC,
     Config,
 )
@@ -43,7 +46,9 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     specs += [TopicSpec(config.topic(t), 1, COMPACTED) for t in REFERENCE_TOPICS]
     specs.append(TopicSpec(config.topic(VISITOR_EVENTS_TOPIC), n))
     specs.append(TopicSpec(config.topic(LEDGER_EVENTS_TOPIC), n))
-    specs.append(TopicSpec(config.topic("abuse-flags"), n))
+    specs.append(TopicSpec(config.topic(CODE_EVENTS_TOPIC), n))
+    specs.append(TopicSpec(config.topic(REVIEWS_TOPIC), n))
+    specs.append(TopicSpec(config.topic(ABUSE_FLAGS_TOPIC), n))
     return specs
 
 

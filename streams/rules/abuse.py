@@ -8,12 +8,15 @@ the order; it only holds or rejects the commission.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from schemas.events import Order
 from schemas.facts import AbuseFlag, Attribution, CodeRedemptions, FactStatus, Touch
+from schemas.internal import DecidedOrder
 from schemas.reference import (
     DEFAULT_VELOCITY_WINDOW_MINUTES,
     Affiliate,
@@ -24,6 +27,7 @@ from schemas.reference import (
 )
 
 from .attribution import referrer_host
+from .money import ZERO
 
 #: A leaked code is flagged once more than `max_customers` (20 by default) use it within the
 #: window, long before this many uses. The cap only bounds the table value of a code that went
@@ -33,6 +37,17 @@ MAX_REDEMPTIONS_PER_CODE = 10_000
 
 _CODE_METHODS = ("code", "code+click")
 _CLICK_METHODS = ("last_click", "code+click")
+
+#: Every reason this module can raise, in the order flags are reported: contract §6's table,
+#: then the project's own signals.
+REASONS = (
+    "self_referral",
+    "coupon_site_referrer",
+    "code_velocity",
+    "fast_conversion",
+    "customer_lookalike",
+    "paid_search_click",
+)
 
 
 def coupon_site_of(host: str, sites: Iterable[str]) -> str | None:
@@ -51,6 +66,15 @@ def coupon_site_of(host: str, sites: Iterable[str]) -> str | None:
 def host_matches(host: str, sites: Iterable[str]) -> bool:
     """True when `host` equals one of `sites` or is a subdomain of one (not a mere suffix)."""
     return coupon_site_of(host, sites) is not None
+
+
+def coupon_site_seen(order: Order, latest_touch: Touch | None, sites: Iterable[str]) -> str:
+    """The coupon site the order's referrer, or else its visitor's latest click, came from; ''."""
+    for host in (referrer_host(order.referrer), latest_touch.referrer_host if latest_touch else ""):
+        site = coupon_site_of(host, sites)
+        if site is not None:
+            return site
+    return ""
 
 
 def self_referral(order: Order, affiliate: Affiliate) -> AbuseFlag | None:
@@ -113,6 +137,46 @@ def fast_conversion(
             f" minimum {settings.fast_conversion_seconds} s",
         )
     return None
+
+
+def _identity(value: str) -> str:
+    """An id reduced to lower-case letters and digits: "Cust-981 " and "cust981" are one."""
+    return re.sub(r"[^0-9a-z]", "", value.casefold())
+
+
+def customer_lookalike(order: Order, affiliate: Affiliate) -> AbuseFlag | None:
+    """Hold: the customer id matches the affiliate's own after normalisation, but not exactly.
+
+    The exact match is `self_referral` (reject); a near-identical id ("Sally.Smith" vs
+    "sallysmith") is usually the same person with a second account, but not always: a person
+    decides.
+    """
+    customer, own = order.customer_id.strip(), affiliate.customer_id.strip()
+    if not customer or not own or customer == own:
+        return None
+    if _identity(customer) and _identity(customer) == _identity(own):
+        return AbuseFlag(
+            "customer_lookalike",
+            "hold",
+            f"customer {customer} looks like affiliate {affiliate.affiliate_id}'s own account {own}",
+        )
+    return None
+
+
+def paid_search_click(attribution: Attribution) -> AbuseFlag | None:
+    """Hold: the attributing click came from a paid search ad (a gclid/msclkid on its landing URL).
+
+    Most programs forbid affiliates to bid on the store's brand in search ads: the store pays
+    for the ad click *and* the commission on a customer who was already looking for it.
+    """
+    click = attribution.click
+    if attribution.method not in _CLICK_METHODS or click is None or not click.paid_click_id:
+        return None
+    return AbuseFlag(
+        "paid_search_click",
+        "hold",
+        f"click {click.event_id} landed with paid-search id {click.paid_click_id}",
+    )
 
 
 def velocity_horizon(ref: ReferenceData) -> timedelta:
@@ -195,8 +259,42 @@ def flags_for_order(
         if redemptions is not None and attribution.method in _CODE_METHODS
         else None,
         fast_conversion(order, attribution, ref.settings),
+        customer_lookalike(order, affiliate),
+        paid_search_click(attribution),
     )
     return tuple(flag for flag in candidates if flag is not None)
+
+
+def velocity_flag(
+    decided: DecidedOrder, redemptions: CodeRedemptions, ref: ReferenceData
+) -> AbuseFlag | None:
+    """`code_velocity` for an order decided without it; `redemptions` include the order.
+
+    Only orders attributed through their code are flagged; the limit is the one of the program
+    the order was attributed in (the code owner's).
+    """
+    if decided.method not in _CODE_METHODS or decided.ledger is None:
+        return None
+    program = ref.programs.get(decided.program_id)
+    velocity = program.velocity if program is not None else Velocity()
+    return code_velocity(redemptions, decided.ts, velocity)
+
+
+def with_flags(decided: DecidedOrder, extra: Iterable[AbuseFlag]) -> DecidedOrder:
+    """`decided` with more flags, its accrual status (and amount, when rejected) re-derived."""
+    known = {flag.reason for flag in decided.flags}
+    added = [flag for flag in extra if flag.reason not in known]
+    if not added or decided.ledger is None or decided.accrual is None:
+        return decided
+    flags = tuple(sorted((*decided.flags, *added), key=lambda f: REASONS.index(f.reason)))
+    status = status_for(flags)
+    amount = decided.ledger.commission if status != "rejected" else ZERO
+    return replace(
+        decided,
+        flags=flags,
+        ledger=replace(decided.ledger, status=status, commission=amount),
+        accrual=replace(decided.accrual, status=status, amount=amount),
+    )
 
 
 def status_for(flags: Iterable[AbuseFlag]) -> FactStatus:

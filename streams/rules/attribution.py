@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from schemas.events import Click, Order
 from schemas.facts import Attribution, Touch
@@ -41,6 +41,23 @@ def referrer_host(url: str) -> str:
     return host.rstrip(".")
 
 
+#: Click ids that ad networks append to a landing URL when a *paid* search ad was clicked
+#: (Google Ads auto-tagging, Microsoft Ads, Google's iOS variants, DoubleClick). fbclid is not
+#: here: Facebook adds it to every outbound link, organic posts included.
+PAID_CLICK_ID_PARAMS = ("gclid", "gbraid", "wbraid", "msclkid", "dclid")
+
+
+def paid_click_id(landing_url: str) -> str:
+    """The first paid-search click id parameter present (non-empty) on `landing_url`, or ''."""
+    if "=" not in landing_url:
+        return ""
+    try:
+        params = {key.lower() for key, value in parse_qsl(urlsplit(landing_url).query) if value}
+    except ValueError:
+        return ""
+    return next((name for name in PAID_CLICK_ID_PARAMS if name in params), "")
+
+
 def touch_from_click(click: Click) -> Touch:
     return Touch(
         event_id=click.event_id,
@@ -48,6 +65,7 @@ def touch_from_click(click: Click) -> Touch:
         affiliate_id=click.affiliate_id,
         channel=click.channel,
         referrer_host=referrer_host(click.referrer),
+        paid_click_id=paid_click_id(click.landing_url),
     )
 
 

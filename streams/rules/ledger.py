@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from schemas.events import Order, Refund
+from schemas.events import Order, Refund, Review
 from schemas.facts import AbuseFlag, Attribution, CommissionFact, OrderLedger
 from schemas.reference import Program
 
@@ -120,3 +120,34 @@ def approve_if_due(
         ts=ledger.lock_end,
     )
     return replace(ledger, approved=True), fact
+
+
+def apply_review(
+    ledger: OrderLedger, review: Review
+) -> tuple[OrderLedger, CommissionFact | None, str]:
+    """A reviewer's decision on a held order: the new ledger, the fact to append, the outcome.
+
+    `release` makes the order pending again: it is approved like any other once the pipeline's
+    event time reaches its lock end (no fact now). `reject` appends a reversal of whatever net
+    commission is left, with status `rejected` (a 0.00 line when nothing is left, so the order's
+    latest fact says it was rejected). Only held orders can be reviewed; any other decision is
+    ignored, and the outcome says why.
+    """
+    if ledger.status != "held":
+        state = "approved" if ledger.approved else ledger.status
+        return ledger, None, f"ignored: order is {state}, not held"
+    if review.decision == "release":
+        return replace(ledger, status="pending"), None, "released"
+    net = ledger.net_commission
+    fact = CommissionFact(
+        fact_id=f"{ledger.order_id}:review:{review.event_id}",
+        order_id=ledger.order_id,
+        affiliate_id=ledger.affiliate_id,
+        program_id=ledger.program_id,
+        kind="reversal",
+        amount=-net,
+        currency=ledger.currency,
+        status="rejected",
+        ts=review.ts,
+    )
+    return replace(ledger, status="rejected", reversed_total=ledger.reversed_total + net), fact, "rejected"
