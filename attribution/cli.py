@@ -11,7 +11,7 @@ import io
 import sys
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import orjson
 import typer
@@ -168,32 +168,16 @@ def worker(
     run_worker(load_config(), loglevel=loglevel)
 
 
-@app.command("report")
-def report(
-    since: Optional[str] = typer.Option(None, help="First day (YYYY-MM-DD, UTC). Default: all."),
-    until: Optional[str] = typer.Option(None, help="Last day, inclusive. Default: all."),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
-) -> None:
-    """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission."""
-    from sinks.clickhouse import connect
-    from sinks.report import build_report
-
-    if fmt not in ("table", "csv", "json"):
-        raise fail("--format must be table, csv or json", 2)
+def _period(since: Optional[str], until: Optional[str]) -> tuple[date, date]:
     try:
         first = date.fromisoformat(since) if since else date(1970, 1, 1)
         last = date.fromisoformat(until) if until else date(2105, 12, 31)
     except ValueError as exc:
         raise fail(f"bad date: {exc}", 2) from exc
-    config = load_config()
-    client = connect(config.clickhouse)
-    try:
-        result = build_report(client, config.clickhouse.database, first, last)
-    except Exception as exc:
-        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
-    finally:
-        client.disconnect()
-    rows = [r.as_dict() for r in result.rows]
+    return first, last
+
+
+def _emit(rows: list[dict[str, object]], fmt: str, print_table: Callable[[list[dict[str, object]]], None]) -> None:
     if fmt == "json":
         typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
@@ -203,7 +187,117 @@ def report(
         writer.writerows(rows)
         typer.echo(out.getvalue(), nl=False)
     else:
-        print_report_table(rows)
+        print_table(rows)
+
+
+SINCE = typer.Option(None, help="First day (YYYY-MM-DD, UTC). Default: all.")
+UNTIL = typer.Option(None, help="Last day, inclusive. Default: all.")
+FORMAT = typer.Option("table", "--format", help="table | csv | json")
+
+
+@app.command("report")
+def report(
+    since: Optional[str] = SINCE,
+    until: Optional[str] = UNTIL,
+    fmt: str = FORMAT,
+) -> None:
+    """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission."""
+    from sinks.clickhouse import connect
+    from sinks.report import build_report
+
+    if fmt not in ("table", "csv", "json"):
+        raise fail("--format must be table, csv or json", 2)
+    first, last = _period(since, until)
+    config = load_config()
+    client = connect(config.clickhouse)
+    try:
+        result = build_report(client, config.clickhouse.database, first, last)
+    except Exception as exc:
+        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
+    finally:
+        client.disconnect()
+    _emit([r.as_dict() for r in result.rows], fmt, print_report_table)
+
+
+@app.command("codes")
+def codes(
+    since: Optional[str] = SINCE,
+    until: Optional[str] = UNTIL,
+    fmt: str = FORMAT,
+    show_all: bool = typer.Option(False, "--all", help="List every code used, not only suspicious ones."),
+    limit: int = typer.Option(20, min=1, help="At most this many codes."),
+) -> None:
+    """Discount codes that look leaked, worst first, with the evidence.
+
+    A code looks leaked when some of its orders came from a coupon-site referrer or were flagged
+    for code velocity. Score = coupon-site orders + velocity-flagged orders + 0.1 x orders
+    without a click of the code's owner.
+    """
+    from sinks.clickhouse import connect
+    from sinks.code_report import code_evidence
+
+    if fmt not in ("table", "csv", "json"):
+        raise fail("--format must be table, csv or json", 2)
+    first, last = _period(since, until)
+    config = load_config()
+    client = connect(config.clickhouse)
+    try:
+        found = code_evidence(client, config.clickhouse.database, first, last, only_leaked=not show_all)
+    except Exception as exc:
+        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
+    finally:
+        client.disconnect()
+    _emit([e.as_dict() for e in found[:limit]], fmt, print_codes_table)
+
+
+def print_codes_table(rows: list[dict[str, object]]) -> None:
+    if not rows:
+        console.print("no code looks leaked (use --all to list every code)")
+        return
+    table = Table(title="Discount codes that look leaked, worst first")
+    columns = ["discount_code", "affiliate_id", "leak_score", "redemptions", "distinct_customers",
+               "peak_customers_per_hour", "without_owner_click", "from_coupon_sites",
+               "velocity_flagged", "coupon_sites", "first_seen", "revenue", "discount_given"]
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="left" if column in columns[:2] else "right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+
+@app.command("review")
+def review(
+    order_id: str = typer.Argument(..., help="The held order to decide on."),
+    release: bool = typer.Option(False, "--release", help="Release: the order is approved at its lock end."),
+    reject: bool = typer.Option(False, "--reject", help="Reject: a reversal zeroes its commission."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who decides (recorded with the decision)."),
+    note: str = typer.Option("", "--note", help="Why (recorded with the decision)."),
+) -> None:
+    """Release or reject a held order: publishes the decision to the `reviews` topic.
+
+    The worker applies it to the ledger and records it in the `reviews` table with its outcome
+    (only held orders can be reviewed; any other decision is recorded as ignored).
+    """
+    from datetime import datetime, timezone
+    from uuid import uuid4
+
+    from schemas.events import Review
+    from streams.publish import publish_review
+    from streams.topics import ensure_topics
+
+    if release == reject:
+        raise fail("give exactly one of --release or --reject", 2)
+    if not reviewer.strip():
+        raise fail("--reviewer must not be empty", 2)
+    config = load_config()
+    decision = Review(
+        event_id=f"review-{uuid4().hex}", ts=datetime.now(timezone.utc), order_id=order_id,
+        decision="release" if release else "reject", reviewer=reviewer.strip(), note=note,
+    )
+    ensure_topics(config, progress=lambda line: console.print(line))
+    publish_review(config, decision)
+    typer.echo(f"published {decision.decision} of order {order_id} by {decision.reviewer}"
+               f" ({decision.event_id}) to {config.topic('reviews')}")
 
 
 def print_report_table(rows: list[dict[str, object]]) -> None:

@@ -16,9 +16,15 @@ import orjson
 from kafka import KafkaProducer
 
 from schemas.config import Config
-from schemas.events import TOPIC_OF_TYPE
+from schemas.config import REVIEWS_TOPIC
+from schemas.events import TOPIC_OF_TYPE, Review
 from schemas.reference import Affiliate, Program, Settings
-from schemas.validation import affiliate_to_json, program_to_json, settings_to_json
+from schemas.validation import (
+    affiliate_to_json,
+    program_to_json,
+    review_to_json,
+    settings_to_json,
+)
 
 KEY_FIELD = {"click": "visitor_id", "order": "visitor_id", "refund": "order_id", "share": "affiliate_id"}
 
@@ -110,3 +116,14 @@ def publish_reference(
         producer.close()
     return {"programs": len(programs), "affiliates": len(affiliates),
             "settings": int(settings is not None)}
+
+
+def publish_review(config: Config, review: Review) -> None:
+    """One reviewer decision to the `reviews` topic, keyed by order_id; waits for the broker."""
+    producer = make_producer(config)
+    try:
+        producer.send(config.topic(REVIEWS_TOPIC), key=review.order_id.encode(),
+                      value=review_to_json(review))
+        producer.flush()
+    finally:
+        producer.close()
