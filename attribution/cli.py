@@ -326,7 +326,7 @@ def demo(
     from attribution.demo import run_demo
 
     run_demo(load_config(), visitors=visitors, timeout=timeout, console=console,
-             print_report=print_report_table)
+             print_report=print_report_table, print_codes=print_codes_table)
 
 
 

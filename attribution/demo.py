@@ -20,6 +20,7 @@ from schemas.config import Config
 from schemas.validation import parse_reference_document
 from sinks.clickhouse import connect
 from sinks.migrate import migrate_server
+from sinks.code_report import code_evidence
 from sinks.report import build_report
 from streams.publish import produce_lines, publish_reference
 from streams.topics import ensure_topics
@@ -32,6 +33,7 @@ def run_demo(
     timeout: float,
     console: Console,
     print_report: Callable[[list[dict[str, Any]]], None],
+    print_codes: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     say = console.print
     stack = Stack()
@@ -79,10 +81,13 @@ def run_demo(
 
     client = connect(config.clickhouse)
     try:
-        report = build_report(client, config.clickhouse.database, date(1970, 1, 1), date(2105, 12, 31))
+        everything = (date(1970, 1, 1), date(2105, 12, 31))
+        report = build_report(client, config.clickhouse.database, *everything)
+        leaked = code_evidence(client, config.clickhouse.database, *everything)
     finally:
         client.disconnect()
     print_report([row.as_dict() for row in report.rows])
+    print_codes([code.as_dict() for code in leaked[:10]])
     say("The stack is still running: query ClickHouse (clickhouse-client, database "
         f"{config.clickhouse.database}) or stop it with `attribution stack down`.")
 
