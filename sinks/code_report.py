@@ -14,7 +14,7 @@ Worst (highest score) first; ties by distinct customers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -76,16 +76,14 @@ def code_evidence(
     client: Client, database: str, since: date, until: date, *, only_leaked: bool = True
 ) -> list[CodeEvidence]:
     """Every code used in [since, until] (days, UTC, inclusive), worst first."""
-    params = {
-        "since": datetime.combine(since, datetime.min.time()),
-        "until": datetime.combine(until + timedelta(days=1), datetime.min.time()),
-    }
+    # Compared as dates, like the report: a DateTime parameter past 2106 wraps on old servers.
+    params = {"since": since, "until": until}
     peaks = dict(
         client.execute(
             f"""
             SELECT discount_code, max(distinct_customers)
             FROM {database}.code_usage_hourly
-            WHERE hour >= %(since)s AND hour < %(until)s
+            WHERE toDate(hour) >= %(since)s AND toDate(hour) <= %(until)s
             GROUP BY discount_code
             """,
             params,
@@ -101,7 +99,7 @@ def code_evidence(
                arraySort(groupUniqArrayIf(coupon_site, coupon_site != '')),
                min(ts), max(ts), sum(total), sum(discount_amount)
         FROM {database}.attributed_orders FINAL
-        WHERE discount_code != '' AND ts >= %(since)s AND ts < %(until)s
+        WHERE discount_code != '' AND toDate(ts) >= %(since)s AND toDate(ts) <= %(until)s
         GROUP BY discount_code
         """,
         params,
