@@ -6,8 +6,9 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from schemas.events import Order, OrderItem, Refund
-from schemas.facts import Touch
+from schemas.events import Order, OrderItem, Refund, Review, ReviewDecision
+from schemas.facts import AbuseFlag, Attribution, Touch
+from schemas.internal import DecidedOrder
 from schemas.reference import (
     Affiliate,
     Commission,
@@ -15,6 +16,7 @@ from schemas.reference import (
     ReferenceData,
     Settings,
 )
+from streams.rules.ledger import open_ledger
 
 T0 = datetime(2026, 11, 2, 10, 0, 0, tzinfo=timezone.utc)
 
@@ -69,4 +71,49 @@ def reference(
         programs={p.program_id: p for p in (programs or (program(),))},
         affiliates={a.affiliate_id: a for a in affiliates},
         settings=settings,
+    )
+
+
+def review(event_id: str, decision: ReviewDecision, ts: datetime, order_id: str = "o-1") -> Review:
+    return Review(event_id=event_id, ts=ts, order_id=order_id, decision=decision, reviewer="ann")
+
+
+def decided(
+    of: Order | None = None,
+    attribution: Attribution = Attribution("sally", "code"),
+    in_program: Program | None = None,
+    commission: str = "10.00",
+    flags: tuple[AbuseFlag, ...] = (),
+) -> DecidedOrder:
+    """The join stage's decision about `of` (an order with code SALLY20 by default).
+
+    Built like `streams.join.JoinStage.decide` does, with the commission and flags given rather
+    than computed; an attribution of method "none" gives an unattributed decision (no ledger).
+    """
+    placed = of if of is not None else order(discount_code="SALLY20")
+    attributed = attribution.method != "none"
+    prog = in_program if in_program is not None else program()
+    ledger, accrual = (
+        open_ledger(placed, attribution, prog, Decimal(commission), flags) if attributed
+        else (None, None)
+    )
+    click = attribution.click if attributed else None
+    return DecidedOrder(
+        order_id=placed.order_id,
+        ts=placed.ts,
+        visitor_id=placed.visitor_id,
+        customer_id=placed.customer_id,
+        affiliate_id=attribution.affiliate_id if attributed else "",
+        program_id=prog.program_id if attributed else "",
+        method=attribution.method,
+        click_event_id=click.event_id if click else "",
+        click_ts=click.ts if click else None,
+        channel=click.channel if click else "",
+        discount_code=placed.discount_code,
+        total=placed.total,
+        currency=placed.currency,
+        flags=flags if attributed else (),
+        ledger=ledger,
+        accrual=accrual,
+        discount_amount=placed.discount_amount,
     )
