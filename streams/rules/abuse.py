@@ -283,7 +283,11 @@ def velocity_flag(
 def with_flags(decided: DecidedOrder, extra: Iterable[AbuseFlag]) -> DecidedOrder:
     """`decided` with more flags, its accrual status (and amount, when rejected) re-derived."""
     known = {flag.reason for flag in decided.flags}
-    added = [flag for flag in extra if flag.reason not in known]
+    added = []
+    for flag in extra:
+        if flag.reason not in known:
+            known.add(flag.reason)
+            added.append(flag)
     if not added or decided.ledger is None or decided.accrual is None:
         return decided
     flags = tuple(sorted((*decided.flags, *added), key=lambda f: REASONS.index(f.reason)))

@@ -374,10 +374,6 @@ def test_no_extra_flags_leave_the_decision_unchanged() -> None:
     assert with_flags(pending, []) == pending
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with_flags only skips reasons already on the order, not repeats within `extra`",
-)
 def test_a_flag_given_twice_at_once_is_added_once() -> None:
     assert with_flags(decided(), [VELOCITY, VELOCITY]).flags == (VELOCITY,)
 
