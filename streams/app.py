@@ -30,8 +30,8 @@ from schemas.config import (
 from sinks.clickhouse import RowSink
 from sinks.rows import TABLES, share_row
 
-from .barrier import ClickBarrier
-from .codes import CodeStage
+from .barrier import click_barrier, order_barrier
+from .codes import CodeStage, LookAhead
 from .ingest import Validator, forward
 from .join import JoinStage
 from .ledger import LedgerStage
@@ -123,7 +123,7 @@ def create_app(config: Config) -> faust.App:
     )
 
     reference = ReferenceReader(config)
-    barrier = ClickBarrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"))
+    barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"))
 
     def sink() -> RowSink:
         return RowSink(config.clickhouse, TABLES)
@@ -133,7 +133,10 @@ def create_app(config: Config) -> faust.App:
         lambda: reference.snapshot, flush_in_thread,
     )
     code_stage = CodeStage(
-        config.topic(CODE_EVENTS_TOPIC), code_redemptions, ledger_events, lambda: reference.snapshot
+        config.topic(CODE_EVENTS_TOPIC), code_redemptions, ledger_events, lambda: reference.snapshot,
+        order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
+                      config.topic(VISITOR_EVENTS_TOPIC)),
+        LookAhead(config.kafka_bootstrap, config.topic(CODE_EVENTS_TOPIC)),
     )
     ledger_stage = LedgerStage(
         config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), abuse_flags, flush_in_thread
@@ -177,7 +180,7 @@ def create_app(config: Config) -> faust.App:
         valid = await order_validator.split(events)
         if not valid:
             return
-        await barrier.wait_for_earlier_clicks()
+        await barrier.wait()
         await forward(visitor_events, valid, "visitor_id")
 
     async def ingest_refunds(events: Any) -> None:

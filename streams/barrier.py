@@ -1,13 +1,18 @@
-"""The click barrier: an order is forwarded only after every click published before it.
+"""Forwarding barriers: wait until everything published before now has passed a stage.
 
-Contract §4 demands that every click of the visitor published before the order counts, whatever
-the consumer lag. Clicks and orders arrive on different topics, read at different speeds, and go
-through the click ingest stage into `visitor-events`. So, for a batch of orders just read, we take
-the clicks topic's end offsets *now* (every click published before those orders is below them),
-then wait until the consumer group's committed offsets on the clicks topic reach them. Faust
-flushes the producer before it commits, so a committed click offset means that click's forward is
-already in `visitor-events`, ahead of the order we forward next. Committed offsets are the group's,
-so this holds with any number of workers.
+A stage of this worker forwards what it reads (clicks to `visitor-events`, orders to
+`visitor-events` and on to `code-events`). Faust flushes the producer before it commits offsets,
+so once the consumer group's *committed* offset on a topic reaches that topic's end offset read
+at some moment, every record published to it before that moment has been forwarded. Committed
+offsets are the group's, so this holds with any number of workers.
+
+- The click barrier (contract §4: every click published before the order counts, whatever the
+  lag): for a batch of orders just read, wait until `clicks` is committed up to its end offsets
+  read *now*; only then are the orders forwarded, behind every earlier click.
+- The order barrier (code velocity, an event-time window over every use of a code): for a batch
+  of orders with a code, wait until `orders` is committed up to its end now, then `visitor-events`
+  up to its end after that: every order published before the batch has been decided by the join
+  stage and is in `code-events`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -25,26 +31,30 @@ log = logging.getLogger(__name__)
 
 #: How often to re-read the committed offsets while waiting: well below the 0.5 s commit interval.
 POLL_SECONDS = 0.05
-#: Log (not fail) when a batch waits this long: clicks are lagging far behind orders.
+#: Log (not fail) when a batch waits this long: an upstream stage is lagging far behind.
 SLOW_WAIT_SECONDS = 30.0
 
 
-class ClickBarrier:
-    def __init__(self, bootstrap: str, group_id: str, clicks_topic: str) -> None:
+class ForwardBarrier:
+    """Waits until the group has committed a chain of topics up to their current ends."""
+
+    def __init__(self, bootstrap: str, group_id: str, chain: Sequence[str], name: str) -> None:
         self.bootstrap = bootstrap
         self.group_id = group_id
-        self.clicks_topic = clicks_topic
+        self.chain = tuple(chain)
+        self.name = name
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        self._partitions: list[TopicPartition] = []
+        self._partitions: dict[str, list[TopicPartition]] = {}
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-            client_id=f"{self.group_id}-barrier",
+            client_id=f"{self.group_id}-{self.name}-barrier",
         )
         await self._consumer.start()
-        self._partitions = await partitions_of(self._consumer, self.clicks_topic)
+        for topic in self.chain:
+            self._partitions[topic] = await partitions_of(self._consumer, topic)
         self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await self._admin.start()
 
@@ -54,13 +64,19 @@ class ClickBarrier:
         if self._admin is not None:
             await self._admin.close()
 
-    async def wait_for_earlier_clicks(self) -> float:
-        """Return once every click published before this call has been forwarded; seconds waited."""
+    async def wait(self) -> float:
+        """Return once every record published to the chain before this call has been forwarded
+        through all of it; seconds waited."""
         if self._consumer is None:
-            await self.start()  # lazily: the clicks topic exists by the time orders flow
-        assert self._consumer is not None and self._admin is not None
+            await self.start()  # lazily: the topics exist by the time data flows
         started = time.monotonic()
-        targets = await self._consumer.end_offsets(self._partitions)
+        for topic in self.chain:
+            await self._wait_for(topic, started)
+        return time.monotonic() - started
+
+    async def _wait_for(self, topic: str, started: float) -> None:
+        assert self._consumer is not None and self._admin is not None
+        targets = await self._consumer.end_offsets(self._partitions[topic])
         targets = {tp: end for tp, end in targets.items() if end > 0}
         warned = False
         while targets:
@@ -71,10 +87,26 @@ class ClickBarrier:
                 if tp in targets and meta is not None and meta.offset >= targets[tp]:
                     del targets[tp]
             if not targets:
-                break
+                return
             waited = time.monotonic() - started
             if waited > SLOW_WAIT_SECONDS and not warned:
-                log.warning("orders waiting %.0fs for clicks to catch up: %s", waited, targets)
+                log.warning("%s barrier waiting %.0fs for %s to catch up: %s",
+                            self.name, waited, topic, targets)
                 warned = True
             await asyncio.sleep(POLL_SECONDS)
-        return time.monotonic() - started
+
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._consumer is None:
+            await self.start()
+        assert self._consumer is not None
+        return await self._consumer.end_offsets(list(partitions))  # type: ignore[no-any-return]
+
+
+def click_barrier(bootstrap: str, group_id: str, clicks_topic: str) -> ForwardBarrier:
+    return ForwardBarrier(bootstrap, group_id, [clicks_topic], "click")
+
+
+def order_barrier(
+    bootstrap: str, group_id: str, orders_topic: str, visitor_events_topic: str
+) -> ForwardBarrier:
+    return ForwardBarrier(bootstrap, group_id, [orders_topic, visitor_events_topic], "order")

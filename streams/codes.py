@@ -1,35 +1,61 @@
 """Stage 2b: code velocity, keyed by the normalised discount code.
 
 Reads `code-events`: the join stage's decided orders that used a discount code (any code, whoever
-it attributed the order to: velocity counts every customer who used the code). Per code, the
-`code-redemptions` table keeps the recent uses (order ts, customer_id) together with the
-`code-events` offset that recorded each one. An order at offset X only sees uses recorded below X
-(plus itself), so a replay after a crash decides exactly as the first run did, like the touches of
-the join stage. Adds `code_velocity` when due (re-deriving the accrual's status) and forwards every
-order, flagged or not, to `ledger-events` keyed by order_id.
+it attributed the order to: velocity counts every customer who used the code). Contract §6 counts
+the distinct customers among *all* orders with the code whose ts lies in (O.ts - window, O.ts],
+but one code's orders come from many visitor partitions, so they reach this stage in an order
+that depends on how partitions were fetched, not on their ts. So before deciding a batch:
 
-Writes nothing to ClickHouse: its output is the forward, which Faust flushes before it commits.
+1. the order barrier waits until every order published before the batch has been decided by the
+   join stage and forwarded here (`streams.barrier`);
+2. the uses that are already in `code-events` beyond the batch are read ahead with a group-less
+   consumer (each record once: they are cached until the stage reaches them);
+3. each order is checked against every known use of its code: the stored ones (the
+   `code-redemptions` table), the batch's and the read-ahead ones.
+
+For orders published in ts order this is exactly the contract's window, whatever the lag and
+whatever order partitions are read in; an order published later than others with a greater ts
+(a late event) still counts for every order decided after it reached this stage.
+
+Adds `code_velocity` when due (re-deriving the accrual's status) and forwards every order, flagged
+or not, to `ledger-events` keyed by order_id. Writes nothing to ClickHouse: its output is the
+forward, which Faust flushes before it commits; the ledger keeps the first decision per order.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import EventT, TableT, TopicT
 
 from schemas.facts import CodeRedemptions
 from schemas.internal import DecidedOrder
 from schemas.reference import ReferenceData, normalise_code
 
+from .barrier import ForwardBarrier
 from .context import in_partition
 from .rules.abuse import record_redemption, velocity_flag, velocity_horizon, with_flags
 
-#: A stored use: [order ts (epoch seconds), customer_id, code-events offset that recorded it].
+log = logging.getLogger(__name__)
+
+#: Uses are kept this long beyond the longest velocity window (measured from a code's newest
+#: use), so that an order arriving up to this late still sees the uses around its own ts.
+LATE_ORDER_ALLOWANCE = timedelta(hours=6)
+
+#: A stored use: [order ts (epoch seconds), customer_id].
 StoredUse = list[Any]
+Use = tuple[datetime, str]
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
 
 
 @dataclass
@@ -39,24 +65,78 @@ class CodeState:
     partition: int
     dirty: bool = False
 
-    def redemptions(self, below_offset: int | None = None) -> CodeRedemptions:
-        """The uses as the pure rule sees them; only those recorded below `below_offset` if given."""
-        return CodeRedemptions(
-            self.code,
-            tuple(
-                (datetime.fromtimestamp(ts, timezone.utc), customer)
-                for ts, customer, offset in self.uses
-                if below_offset is None or offset < below_offset
-            ),
-        )
+    def known(self) -> set[Use]:
+        return {(_ts(ts), customer) for ts, customer in self.uses}
 
-    def remember(self, ts: datetime, customer_id: str, offset: int, window: timedelta) -> None:
-        """Record one use (a no-op for a use already recorded), forgetting what can no longer count."""
-        offsets = {(datetime.fromtimestamp(t, timezone.utc), c): o for t, c, o in self.uses}
-        offsets.setdefault((ts, customer_id), offset)
-        kept = record_redemption(self.redemptions(), ts, customer_id, window)
-        self.uses = [[t.timestamp(), c, offsets[(t, c)]] for t, c in kept.redemptions]
-        self.dirty = True
+    def remember(self, ts: datetime, customer_id: str, horizon: timedelta) -> None:
+        """Record one use (a no-op when already recorded), forgetting what can no longer count."""
+        current = CodeRedemptions(self.code, tuple(sorted(self.known())))
+        kept = record_redemption(current, ts, customer_id, horizon)
+        if kept is not current:
+            self.uses = [[t.timestamp(), c] for t, c in kept.redemptions]
+            self.dirty = True
+
+
+@dataclass
+class LookAhead:
+    """Reads `code-events` ahead of the stage, once per record, and remembers the uses it saw."""
+
+    bootstrap: str
+    topic: str
+    _consumer: AIOKafkaConsumer | None = None
+    _read_until: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+    _uses: dict[int, list[tuple[int, str, Use]]] = field(default_factory=lambda: defaultdict(list))
+
+    async def uses(self, ranges: dict[int, tuple[int, int]]) -> dict[str, set[Use]]:
+        """Uses per code in `code-events` [start, end) of each partition: {partition: (start, end)}."""
+        wanted: dict[TopicPartition, int] = {}
+        for partition, (start, end) in ranges.items():
+            cached = self._uses[partition]
+            self._uses[partition] = [u for u in cached if u[0] >= start]  # the stage is past the rest
+            first = max(start, self._read_until.get(partition, 0))
+            if first < end:
+                wanted[TopicPartition(self.topic, partition)] = first
+        if wanted:
+            await self._read(wanted, {TopicPartition(self.topic, p): r[1] for p, r in ranges.items()})
+        found: dict[str, set[Use]] = defaultdict(set)
+        for partition, (start, end) in ranges.items():
+            for offset, code, use in self._uses[partition]:
+                if start <= offset < end:
+                    found[code].add(use)
+        return found
+
+    async def _read(self, starts: dict[TopicPartition, int], ends: dict[TopicPartition, int]) -> None:
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                client_id="attribution-code-lookahead",
+            )
+            await self._consumer.start()
+        consumer = self._consumer
+        consumer.assign(list(starts))
+        for tp, offset in starts.items():
+            consumer.seek(tp, offset)
+        remaining = set(starts)
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        break
+                    obj = orjson.loads(record.value or b"{}")
+                    use = (datetime.fromisoformat(obj["ts"]), obj["customer_id"])
+                    self._uses[tp.partition].append(
+                        (record.offset, normalise_code(obj["discount_code"]), use)
+                    )
+            for tp in list(remaining):
+                position = await consumer.position(tp)
+                self._read_until[tp.partition] = min(position, ends[tp])
+                if position >= ends[tp]:
+                    remaining.discard(tp)
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
 
 
 @dataclass
@@ -65,10 +145,13 @@ class CodeStage:
     table: TableT
     ledger_events: TopicT
     reference: Callable[[], ReferenceData]
+    barrier: ForwardBarrier
+    look_ahead: LookAhead
 
     async def process(self, events: Sequence[EventT]) -> None:
         ref = self.reference()
         window = velocity_horizon(ref)
+        horizon = window + LATE_ORDER_ALLOWANCE
         codes: dict[str, CodeState] = {}
 
         def state_of(code: str, partition: int) -> CodeState:
@@ -80,18 +163,31 @@ class CodeStage:
                 codes[code] = state
             return state
 
+        batch: list[tuple[Any, DecidedOrder, CodeState]] = []
+        after_batch: dict[int, int] = {}
         for event in events:
             message = event.message
             decided = DecidedOrder.from_dict(orjson.loads(message.value or b"{}"))
             state = state_of(normalise_code(decided.discount_code), message.partition)
-            seen = record_redemption(
-                state.redemptions(below_offset=message.offset), decided.ts, decided.customer_id,
-                window,
-            )
-            flag = velocity_flag(decided, seen, ref)
+            batch.append((message, decided, state))
+            after_batch[message.partition] = max(after_batch.get(message.partition, 0),
+                                                 message.offset + 1)
+
+        await self.barrier.wait()  # every order published before the batch is in code-events now
+        ends = await self.barrier.end_offsets(
+            [TopicPartition(self.topic_name, p) for p in after_batch]
+        )
+        ahead = await self.look_ahead.uses(
+            {p: (start, ends[TopicPartition(self.topic_name, p)]) for p, start in after_batch.items()}
+        )
+
+        for _, decided, state in batch:
+            state.remember(decided.ts, decided.customer_id, horizon)
+        for message, decided, state in batch:
+            every_use = state.known() | ahead.get(state.code, set())
+            flag = velocity_flag(decided, CodeRedemptions(state.code, tuple(sorted(every_use))), ref)
             if flag is not None:
                 decided = with_flags(decided, [flag])
-            state.remember(decided.ts, decided.customer_id, message.offset, window)
             await self.ledger_events.send(
                 key=decided.order_id.encode(), value=decided.to_json(),
                 timestamp=message.timestamp, key_serializer="raw", value_serializer="raw",
