@@ -28,10 +28,14 @@ from schemas.config import (
     Config,
 )
 from sinks.clickhouse import RowSink
+from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
 from .barrier import click_barrier, order_barrier
 from .codes import CodeStage, LookAhead
+from .forwarding import Forwarder
+from .lag import run_lag_reporter
+from .watchdog import watch_partitions
 from .ingest import Validator, forward
 from .join import JoinStage
 from .ledger import LedgerStage
@@ -128,12 +132,14 @@ def create_app(config: Config) -> faust.App:
     def sink() -> RowSink:
         return RowSink(config.clickhouse, TABLES)
 
+    forwarder = Forwarder(app)
     join_stage = JoinStage(
-        config.topic(VISITOR_EVENTS_TOPIC), touches, ledger_events, code_events, sink(),
-        lambda: reference.snapshot, flush_in_thread,
+        config.topic(VISITOR_EVENTS_TOPIC), touches, forwarder, config.topic(LEDGER_EVENTS_TOPIC),
+        config.topic(CODE_EVENTS_TOPIC), sink(), lambda: reference.snapshot, flush_in_thread,
     )
     code_stage = CodeStage(
-        config.topic(CODE_EVENTS_TOPIC), code_redemptions, ledger_events, lambda: reference.snapshot,
+        config.topic(CODE_EVENTS_TOPIC), code_redemptions, forwarder,
+        config.topic(LEDGER_EVENTS_TOPIC), lambda: reference.snapshot,
         order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
                       config.topic(VISITOR_EVENTS_TOPIC)),
         LookAhead(config.kafka_bootstrap, config.topic(CODE_EVENTS_TOPIC)),
@@ -162,6 +168,8 @@ def create_app(config: Config) -> faust.App:
         agent.__name__ = agent.__qualname__ = name.replace("-", "_")
         return agent
 
+    visitor_events_name = config.topic(VISITOR_EVENTS_TOPIC)
+    ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     click_validator = Validator("clicks", "click", dead_letters)
     share_validator = Validator("shares", "share", dead_letters)
     order_validator = Validator("orders", "order", dead_letters)
@@ -169,7 +177,7 @@ def create_app(config: Config) -> faust.App:
     review_validator = Validator("reviews", "review", dead_letters)
 
     async def ingest_clicks(events: Any) -> None:
-        await forward(visitor_events, await click_validator.split(events), "visitor_id")
+        await forward(forwarder, visitor_events_name, await click_validator.split(events), "visitor_id")
 
     async def ingest_shares(events: Any) -> None:
         for item in await share_validator.split(events):
@@ -180,14 +188,16 @@ def create_app(config: Config) -> faust.App:
         valid = await order_validator.split(events)
         if not valid:
             return
+        METRICS.orders_waiting_for_clicks.set(len(valid))
         await barrier.wait()
-        await forward(visitor_events, valid, "visitor_id")
+        METRICS.orders_waiting_for_clicks.set(0)
+        await forward(forwarder, visitor_events_name, valid, "visitor_id")
 
     async def ingest_refunds(events: Any) -> None:
-        await forward(ledger_events, await refund_validator.split(events), "order_id")
+        await forward(forwarder, ledger_events_name, await refund_validator.split(events), "order_id")
 
     async def ingest_reviews(events: Any) -> None:
-        await forward(ledger_events, await review_validator.split(events), "order_id")
+        await forward(forwarder, ledger_events_name, await review_validator.split(events), "order_id")
 
     app.agent(clicks, name="ingest-clicks")(guarded("ingest-clicks", ingest_clicks))
     app.agent(shares, name="ingest-shares")(guarded("ingest-shares", ingest_shares))
@@ -206,5 +216,15 @@ def create_app(config: Config) -> faust.App:
             raise
         except BaseException as exc:  # noqa: BLE001
             fatal(exc)
+
+    @app.task
+    async def watch_fetched_partitions() -> None:
+        await watch_partitions(app)
+
+    @app.task
+    async def report_consumer_lag() -> None:
+        # Telemetry only: run_lag_reporter logs and retries its own errors and never raises.
+        await run_lag_reporter(config, [t.get_topic_name() for t in (
+            clicks, shares, orders, refunds, reviews, visitor_events, code_events, ledger_events)])
 
     return app

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from faust.types import EventT, TableT, TopicT
+from faust.types import EventT, TableT
 
 from schemas.facts import CodeRedemptions
 from schemas.internal import DecidedOrder
@@ -41,6 +41,7 @@ from schemas.reference import ReferenceData, normalise_code
 
 from .barrier import ForwardBarrier
 from .context import in_partition
+from .forwarding import Forwarder, Record
 from .rules.abuse import record_redemption, velocity_flag, velocity_horizon, with_flags
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ class LookAhead:
 class CodeStage:
     topic_name: str
     table: TableT
-    ledger_events: TopicT
+    forwarder: Forwarder
+    ledger_events: str
     reference: Callable[[], ReferenceData]
     barrier: ForwardBarrier
     look_ahead: LookAhead
@@ -183,15 +185,14 @@ class CodeStage:
 
         for _, decided, state in batch:
             state.remember(decided.ts, decided.customer_id, horizon)
+        decisions = []
         for message, decided, state in batch:
             every_use = state.known() | ahead.get(state.code, set())
             flag = velocity_flag(decided, CodeRedemptions(state.code, tuple(sorted(every_use))), ref)
             if flag is not None:
                 decided = with_flags(decided, [flag])
-            await self.ledger_events.send(
-                key=decided.order_id.encode(), value=decided.to_json(),
-                timestamp=message.timestamp, key_serializer="raw", value_serializer="raw",
-            )
+            decisions.append(Record(decided.order_id.encode(), decided.to_json(), message.timestamp))
+        await self.forwarder.send(self.ledger_events, decisions)
 
         for code, state in codes.items():
             if state.dirty:

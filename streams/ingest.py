@@ -18,6 +18,8 @@ from schemas.events import Event, Review
 from schemas.validation import InvalidEvent, decode_event, decode_review
 from sinks.metrics import METRICS
 
+from .forwarding import Forwarder, Record
+
 
 @dataclass(frozen=True, slots=True)
 class Valid:
@@ -75,11 +77,9 @@ class Validator:
         METRICS.dead_letters.inc()
 
 
-async def forward(topic: TopicT, items: Sequence[Valid], key_of: str) -> None:
+async def forward(forwarder: Forwarder, topic: str, items: Sequence[Valid], key_of: str) -> None:
     """Re-publish the raw bytes keyed by `key_of`, keeping the original record time."""
-    for item in items:
-        key = getattr(item.event, key_of)
-        await topic.send(
-            key=key.encode(), value=item.raw, timestamp=item.timestamp,
-            key_serializer="raw", value_serializer="raw",
-        )
+    await forwarder.send(
+        topic,
+        [Record(getattr(item.event, key_of).encode(), item.raw, item.timestamp) for item in items],
+    )

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
-from faust.types import EventT, TableT, TopicT
+from faust.types import EventT, TableT
 
 from schemas.events import Click, Order
 from schemas.facts import Touch
@@ -29,6 +29,7 @@ from sinks.metrics import METRICS
 from sinks.rows import click_row
 
 from .context import in_partition
+from .forwarding import Forwarder, Record
 from .rules.abuse import coupon_site_seen, flags_for_order
 from .rules.attribution import attribute, latest_touch, remember_touch, touch_from_click, touch_horizon
 from .rules.commission import commission_for
@@ -61,8 +62,9 @@ class VisitorState:
 class JoinStage:
     topic_name: str
     touches: TableT
-    ledger_events: TopicT
-    code_events: TopicT
+    forwarder: Forwarder
+    ledger_events: str
+    code_events: str
     sink: RowSink
     reference: Callable[[], ReferenceData]
     _flush: Callable[[RowSink], Any] = field(default=lambda sink: sink.flush())
@@ -106,6 +108,7 @@ class JoinStage:
         horizon = touch_horizon(ref)
         visitors: dict[bytes, VisitorState] = {}
         latency_from: list[float] = []
+        decisions: dict[str, list[Record]] = {self.ledger_events: [], self.code_events: []}
 
         def state_of(key: bytes, partition: int) -> VisitorState:
             state = visitors.get(key)
@@ -142,11 +145,10 @@ class JoinStage:
                 # Orders with a code pass the code stage (velocity needs state keyed by code).
                 code = normalise_code(decoded.discount_code)
                 topic, key = (self.code_events, code) if code else (self.ledger_events, decoded.order_id)
-                await topic.send(
-                    key=key.encode(), value=decided.to_json(),
-                    timestamp=message.timestamp, key_serializer="raw", value_serializer="raw",
-                )
+                decisions[topic].append(Record(key.encode(), decided.to_json(), message.timestamp))
 
+        for topic, records in decisions.items():
+            await self.forwarder.send(topic, records)
         await self._flush(self.sink)
         _observe_latency("clicks", latency_from)
         # Only now, with the rows safe, does the table learn the clicks.
