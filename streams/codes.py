@@ -42,7 +42,7 @@ from schemas.reference import ReferenceData, normalise_code
 from .barrier import ForwardBarrier
 from .context import in_partition
 from .forwarding import Forwarder, Record
-from .rules.abuse import record_redemption, velocity_flag, velocity_horizon, with_flags
+from .rules.abuse import MAX_REDEMPTIONS_PER_CODE, velocity_flag, velocity_horizon, with_flags
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,18 @@ class CodeState:
     def known(self) -> set[Use]:
         return {(_ts(ts), customer) for ts, customer in self.uses}
 
-    def remember(self, ts: datetime, customer_id: str, horizon: timedelta) -> None:
-        """Record one use (a no-op when already recorded), forgetting what can no longer count."""
-        current = CodeRedemptions(self.code, tuple(sorted(self.known())))
-        kept = record_redemption(current, ts, customer_id, horizon)
-        if kept is not current:
-            self.uses = [[t.timestamp(), c] for t, c in kept.redemptions]
+    def add(self, ts: datetime, customer_id: str) -> None:
+        """Record one use; a use already recorded (same ts and customer) changes nothing."""
+        use = [ts.timestamp(), customer_id]
+        if use not in self.uses:
+            self.uses.append(use)
+            self.dirty = True
+
+    def forget_before(self, cutoff: datetime) -> None:
+        """Drop uses at or before `cutoff`, and all but the newest MAX_REDEMPTIONS_PER_CODE."""
+        kept = sorted(u for u in self.uses if _ts(u[0]) > cutoff)[-MAX_REDEMPTIONS_PER_CODE:]
+        if len(kept) != len(self.uses):
+            self.uses = kept
             self.dirty = True
 
 
@@ -184,7 +190,7 @@ class CodeStage:
         )
 
         for _, decided, state in batch:
-            state.remember(decided.ts, decided.customer_id, horizon)
+            state.add(decided.ts, decided.customer_id)
         decisions = []
         for message, decided, state in batch:
             every_use = state.known() | ahead.get(state.code, set())
@@ -195,6 +201,12 @@ class CodeStage:
         await self.forwarder.send(self.ledger_events, decisions)
 
         for code, state in codes.items():
+            # Keep what an order still to come may count: orders published after this batch have
+            # later ts (late ones get LATE_ORDER_ALLOWANCE), those already read ahead may be older.
+            waiting = [ts for ts, _ in ahead.get(code, ())]
+            oldest = min(waiting, default=max((_ts(u[0]) for u in state.uses), default=None))
+            if oldest is not None:
+                state.forget_before(oldest - horizon)
             if state.dirty:
                 with in_partition(self.topic_name, state.partition):
                     self.table[code.encode()] = orjson.dumps(state.uses)
