@@ -16,23 +16,29 @@ is one small record per visitor who will come back, the events of journeys under
 hours ahead, refunds up to two days), and one record per sharing affiliate; never the stream.
 
 This module must never import streams, sinks or attribution code: it makes input, it does not
-know how input is judged. It does no I/O but `write_jsonl`.
+know how input is judged. It does no I/O but `write_jsonl` and the command line at the end, which
+imports the project's config and publisher only when asked to publish:
+
+    python -m loadtests.generator --visitors 20000 [--seed 42] --out day.jsonl
+    python -m loadtests.generator --visitors 20000 --publish --rate 500    # env: TOPIC_PREFIX ...
 """
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import heapq
 import itertools
 import math
 import os
 import random
+import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -41,6 +47,7 @@ from schemas.reference import Affiliate
 from schemas.validation import encode_json, parse_reference_document
 
 EventJson = dict[str, Any]
+_Item = TypeVar("_Item")
 
 #: The affiliates the planted abuse is about (both are ambassadors in `sample_reference`).
 LEAKED_CODE_AFFILIATE = "aff-002"
@@ -275,6 +282,35 @@ def count_by_type(events: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         kind = event["type"]
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def seconds_until_due(sent: int, rate: float, elapsed: float) -> float:
+    """How long to wait before sending item number `sent` (from 0) at `rate` items/s, `elapsed`
+    seconds after the first went out.
+
+    Item n is due at n / rate from the start: the schedule is fixed, it does not slide. A late
+    item goes at once and the next ones keep their slots, so a pause (a GC, a slow broker ack) is
+    made up and the average rate holds; a sliding schedule would quietly send less than asked
+    exactly when the system under test is slow.
+    """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    return max(0.0, sent / rate - elapsed)
+
+
+def pace(
+    items: Iterable[_Item],
+    rate: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[_Item]:
+    """`items`, each handed out when it is due at `rate` per second (see `seconds_until_due`)."""
+    start = clock()
+    for sent, item in enumerate(items):
+        wait = seconds_until_due(sent, rate, clock() - start)
+        if wait > 0:
+            sleep(wait)
+        yield item
 
 
 # --- the generator -------------------------------------------------------------------------------
@@ -784,3 +820,102 @@ class _Traffic:
                 session_id=session_id,
                 refundable=False,
             )
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+#: Seconds between progress lines while publishing: often enough to see the rate, rarely enough
+#: not to flood a log.
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m loadtests.generator`: write a generated day as JSONL, or publish it paced."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.generator",
+        description="Generate a day of shop traffic against the sample reference (50 affiliates): "
+        "write it as JSONL, or publish it to Kafka at a fixed rate (env KAFKA_BOOTSTRAP, "
+        "TOPIC_PREFIX, like every attribution command).",
+    )
+    parser.add_argument("--visitors", type=int, required=True, help="visitors in the day")
+    parser.add_argument("--seed", type=int, default=TrafficProfile.seed,
+                        help="random seed; ids embed it, so two seeds never share an id")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", metavar="FILE.jsonl", help="write the events to FILE.jsonl")
+    target.add_argument("--publish", action="store_true",
+                        help="publish the events to the input topics (needs --rate)")
+    parser.add_argument("--rate", type=float, metavar="EVENTS_PER_S",
+                        help="with --publish: events per second, on a fixed schedule")
+    parser.add_argument("--reference", metavar="FILE.json",
+                        help="also write the sample reference document (for load-reference)")
+    parser.add_argument("--load-reference", action="store_true",
+                        help="with --publish: first publish the sample reference data")
+    args = parser.parse_args(argv)
+    if args.publish and (args.rate is None or args.rate <= 0):
+        parser.error("--publish needs --rate EVENTS_PER_S > 0")
+    if not args.publish and (args.rate is not None or args.load_reference):
+        parser.error("--rate and --load-reference go with --publish")
+    try:
+        profile = TrafficProfile(visitors=args.visitors, seed=args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    reference = sample_reference()
+    if args.reference:
+        with open(args.reference, "wb") as out:
+            out.write(orjson.dumps(reference, option=orjson.OPT_INDENT_2) + b"\n")
+    events = generate(reference, profile)
+    if args.out:
+        count = write_jsonl(events, args.out)
+        print(f"wrote {count} events to {args.out}", file=sys.stderr)
+        return 0
+    return _publish(reference, events, args.rate, args.load_reference)
+
+
+def _publish(
+    reference: Mapping[str, Any], events: Iterable[EventJson], rate: float, load_reference: bool
+) -> int:
+    # Imported here: generating must not need the pipeline's publisher (see the module docstring).
+    from pydantic import ValidationError
+
+    from schemas.config import Config
+    from streams.publish import make_producer, produce_lines, publish_reference
+
+    try:
+        config = Config.from_env()
+    except ValidationError as exc:
+        print(f"bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if load_reference:
+        published = publish_reference(config, *parse_reference_document(orjson.dumps(reference)))
+        print(f"published reference data {published}", file=sys.stderr)
+    started = time.monotonic()
+    sent = 0
+    last_report = started
+
+    def on_line(count: int) -> None:
+        nonlocal sent, last_report
+        sent += count
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_EVERY_SECONDS:
+            last_report = now
+            print(f"{sent} events in {now - started:.0f} s ({sent / (now - started):,.0f}/s)",
+                  file=sys.stderr)
+
+    lines = pace((encode_json(event) for event in events), rate)
+    producer = make_producer(config)
+    try:
+        summary = produce_lines(config, lines, on_line=on_line, producer=producer)
+    except KeyboardInterrupt:
+        print(f"interrupted after {sent} events", file=sys.stderr)
+        return 130
+    finally:
+        producer.close(timeout=10)
+    elapsed = time.monotonic() - started
+    print(f"published {summary.total_sent} events in {elapsed:.1f} s "
+          f"({summary.total_sent / max(elapsed, 1e-9):,.0f}/s) to {dict(summary.sent)}; "
+          f"skipped {dict(summary.skipped)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

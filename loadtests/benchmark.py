@@ -1,0 +1,1133 @@
+"""The benchmark of the operations issue: what one worker does on one machine, next to a baseline.
+
+    python -m loadtests.benchmark [--events 300000] [--json FILE] [--keep]
+
+One run, on the local stack (`attribution stack up`), under a fresh topic prefix and database:
+
+1. **catch-up** — a generated backlog of at least `--events` events is published, then one worker
+   (`attribution worker`, a subprocess) turns it into ClickHouse rows: events/s from the worker's
+   start, and from its first row, until every valid click, share and order is in its table
+   (counted with FINAL, against the distinct valid ids that were published);
+2. **baseline** — a plain consumer (aiokafka, no group) reads the same backlog from the 4 input
+   topics and decodes every value with the project's validator: events/s, and the pipeline's
+   share of it (it runs before the worker starts, so the two never share the machine);
+3. **latency** — with the worker caught up, a fresh stream is published at half the catch-up rate
+   for about a minute; order -> `attributed_orders` row (every order has one) and order ->
+   accrual fact (attributed orders), p50/p95/p99, seen by polling ClickHouse every 100 ms
+   (`inserted_at` has whole seconds only);
+4. **memory** — the worker's peak resident set (VmHWM).
+
+It prints a table and a JSON document (also written to --json FILE). It never stops the stack; at
+the end it stops its worker, drops its database and deletes its topics and worker state, unless
+--keep. The worker's log stays under `.stack/bench/<tag>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from deploy.stack import Stack
+from loadtests.generator import TrafficProfile, generate, pace, sample_reference
+from schemas.config import INPUT_TOPICS, Config
+from schemas.events import TOPIC_OF_TYPE, Order
+from schemas.validation import InvalidEvent, decode_event, encode_json, parse_reference_document
+
+REPO = Path(__file__).resolve().parent.parent
+TYPE_OF_TOPIC = {topic: kind for kind, topic in TOPIC_OF_TYPE.items()}
+#: The tables the catch-up waits on (`ExpectedRows.of_table` says how many rows each must hold).
+CATCH_UP_TABLES = ("clicks", "shares", "attributed_orders")
+
+#: The backlog's day; the latency stream is the next day, so the two never share a timestamp.
+BACKLOG_START = datetime(2026, 11, 2, tzinfo=timezone.utc)
+#: Visitors of the pilot run that estimates events per visitor (a fraction of a second).
+PILOT_VISITORS = 5_000
+#: The steady-state input rate, as a share of the measured catch-up rate (the issue asks 50 %).
+STEADY_RATE_SHARE = 0.5
+#: 100 ms: ClickHouse's `inserted_at` has whole seconds, so first sightings are timed by polling;
+#: this bounds the error of each latency sample (plus one query, a few ms).
+LATENCY_POLL_SECONDS = 0.1
+#: How often the catch-up counts rows: a FINAL count costs the server more than a 100 ms poll.
+CATCH_UP_POLL_SECONDS = 0.5
+#: No new row for this long means the worker is stuck (start-up and the first rebalance take
+#: 10-30 s; see the README's known issue for a worker that stops making progress).
+STALL_SECONDS = 180.0
+#: After the last fresh event is published, how long the orders still missing may take.
+SETTLE_SECONDS = 120.0
+#: Waiting for the consumer group's lag to reach 0 after the catch-up: a caught-up worker
+#: commits within a second (commit interval 0.5 s); past this we measure anyway and say so.
+LAG_WAIT_SECONDS = 60.0
+#: A terminated worker flushes and leaves the group; past this it is killed.
+WORKER_STOP_SECONDS = 30.0
+#: 5 ms: a shop's checkout service sends each order as it happens; the project publisher's 20 ms
+#: linger (bulk `produce`) would add to the latency being measured.
+LATENCY_PRODUCER_LINGER_MS = 5
+#: The baseline consumer gives up when no record arrives for this long.
+BASELINE_STALL_SECONDS = 60.0
+#: The benchmark's own queries wait out a ClickHouse outage this long (the resilience test of the
+#: project stops it for 60 s); past it the run fails.
+CLICKHOUSE_DOWN_SECONDS = 180.0
+#: Clean-up waits less for ClickHouse: after a Ctrl-C the user wants the prompt back.
+CLEAN_UP_PATIENCE_SECONDS = 30.0
+#: "Others" using more CPU than this during a phase means the machine was shared: say so.
+BUSY_MACHINE_CORES = 0.25
+MB = 1024 * 1024
+#: Terminal control sequences Faust writes even into a log file (its spinner).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x08")
+#: The level field of a Faust log line: "[2026-11-23 20:16:19,476] [24225] [WARNING] message".
+LOG_LEVEL = re.compile(r"\] \[\d+\] \[(WARNING|ERROR|CRITICAL)\]")
+
+
+class BenchmarkError(Exception):
+    """The run cannot go on; the message says why and what to look at."""
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpectedRows:
+    """What one worker must write for a list of published lines, given what the pipeline keeps.
+
+    Clicks and shares are rows per distinct valid `event_id`, orders per distinct valid `order_id`
+    (the first wins); invalid lines go to dead letters and unroutable ones are never sent.
+    """
+
+    lines: int
+    unroutable: int
+    invalid: int
+    duplicates: int
+    clicks: int
+    shares: int
+    orders: int
+    refunds: int
+
+    @property
+    def rows(self) -> int:
+        return self.clicks + self.shares + self.orders
+
+    def of_table(self, table: str) -> int:
+        return {"clicks": self.clicks, "shares": self.shares, "attributed_orders": self.orders}[table]
+
+
+def expected_rows(lines: Iterable[bytes]) -> ExpectedRows:
+    """Count what `lines`, published with `streams.publish.produce_lines`, must become."""
+    # Imported here: `streams.publish` pulls in kafka-python, which this pure part does not use.
+    from streams.publish import route
+
+    unroutable = invalid = duplicates = total = 0
+    ids: dict[str, set[str]] = {kind: set() for kind in TOPIC_OF_TYPE}
+    for line in lines:
+        total += 1
+        routed = route(line.strip())
+        if isinstance(routed, str):
+            unroutable += 1
+            continue
+        kind = TYPE_OF_TOPIC[routed[0]]
+        try:
+            event = decode_event(line, kind)
+        except InvalidEvent:
+            invalid += 1
+            continue
+        key = event.order_id if isinstance(event, Order) else event.event_id
+        if key in ids[kind]:
+            duplicates += 1
+        ids[kind].add(key)
+    return ExpectedRows(
+        lines=total, unroutable=unroutable, invalid=invalid, duplicates=duplicates,
+        clicks=len(ids["click"]), shares=len(ids["share"]), orders=len(ids["order"]),
+        refunds=len(ids["refund"]),
+    )
+
+
+def order_ids(lines: Sequence[bytes]) -> list[str | None]:
+    """For each line, the order it carries if it is a valid order, else None."""
+    found: list[str | None] = []
+    for line in lines:
+        try:
+            event: object = decode_event(line)
+        except InvalidEvent:
+            event = None
+        found.append(event.order_id if isinstance(event, Order) else None)
+    return found
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100), interpolated linearly between the closest ranks (numpy's
+    default, so the numbers compare with the usual tools)."""
+    if not values:
+        raise ValueError("no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be between 0 and 100, got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    samples: int
+    unseen: int
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+    max_s: float | None
+
+
+def summarise_latency(delays: Sequence[float], unseen: int) -> LatencySummary:
+    """Percentiles of `delays` (seconds); `unseen` orders never showed up within the wait."""
+    if not delays:
+        return LatencySummary(0, unseen, None, None, None, None)
+    # Milliseconds are all the 100 ms polling can tell apart.
+    return LatencySummary(
+        samples=len(delays), unseen=unseen,
+        p50_s=round(percentile(delays, 50), 3), p95_s=round(percentile(delays, 95), 3),
+        p99_s=round(percentile(delays, 99), 3), max_s=round(max(delays), 3),
+    )
+
+
+def median_by_thirds(samples: Sequence[tuple[float, float]]) -> list[float | None]:
+    """The median delay of the orders published in each third of the phase, from (published at,
+    delay) pairs. Steady state has three similar medians; medians that grow mean the worker
+    falls behind at that rate and the percentiles depend on how long the phase ran."""
+    if not samples:
+        return [None, None, None]
+    first = min(sent for sent, _ in samples)
+    span = max(sent for sent, _ in samples) - first or 1.0
+    thirds: list[list[float]] = [[], [], []]
+    for sent, delay in samples:
+        thirds[min(2, int((sent - first) / span * 3))].append(delay)
+    return [round(percentile(third, 50), 3) if third else None for third in thirds]
+
+
+def visitors_for(events: int, events_per_visitor: float) -> int:
+    """Visitors to generate for at least `events` events (2 % head-room: the count varies)."""
+    if events_per_visitor <= 0:
+        raise ValueError(f"events_per_visitor must be > 0, got {events_per_visitor}")
+    return max(1, math.ceil(events / events_per_visitor * 1.02))
+
+
+def per_second(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+# --- the machine and its processes --------------------------------------------------------------
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return fields
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of `pid` in MiB: the resident set now, and its peak so far."""
+    fields = _proc_status(pid)
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used (every core), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+class CpuMeter:
+    """CPU used over a phase, in cores (1.0 = one core busy all the time): by the worker, Kafka,
+    ClickHouse and the benchmark itself, and by everything else on the machine ("others": other
+    people's tests on a shared stack disturb the numbers, and this says by how much)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids, benchmark=os.getpid())
+        self.start = time.monotonic()
+        self.machine = machine_busy_seconds()
+        self.used = {name: self._read(pid) for name, pid in self.pids.items()}
+
+    def track(self, name: str, pid: int) -> None:
+        """Count a process started during the phase (all its CPU time is the phase's)."""
+        self.pids[name] = pid
+        self.used[name] = 0.0
+
+    @staticmethod
+    def _read(pid: int) -> float:
+        try:
+            return cpu_seconds(pid)
+        except OSError:  # the process is gone (a restarted server): its share is unknown
+            return float("nan")
+
+    def cores(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self.start
+        used = {name: (self._read(pid) - self.used[name]) / elapsed
+                for name, pid in self.pids.items()}
+        machine = (machine_busy_seconds() - self.machine) / elapsed
+        used["others"] = max(0.0, machine - sum(v for v in used.values() if not math.isnan(v)))
+        return {name: round(value, 2) for name, value in used.items()}
+
+
+def machine(stack: Stack, clickhouse_version: str) -> dict[str, Any]:
+    cpu_model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as meminfo:
+        total_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "ram_gib": round(total_kb / 1024 / 1024, 1),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "faust_streaming": importlib.metadata.version("faust-streaming"),
+        "kafka": stack.status().kafka.version,
+        "clickhouse": clickhouse_version,
+    }
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+class Phase:
+    """A progress bar on a terminal; a line every 10 s otherwise (a log file, CI)."""
+
+    LINE_EVERY_SECONDS = 10.0
+
+    def __init__(self, console: Console, description: str, total: int) -> None:
+        self.console = console
+        self.description = description
+        self.total = total
+        self.started = time.monotonic()
+        self.last_line = self.started
+        self.bar: Progress | None = None
+        if console.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console,
+            )
+            self.task = self.bar.add_task(description, total=total, note="")
+            self.bar.start()
+
+    def update(self, completed: int, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=completed, note=note)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.LINE_EVERY_SECONDS:
+            self.last_line = now
+            self.console.print(f"  {self.description}: {completed:,}/{self.total:,} "
+                               f"after {now - self.started:.0f} s {note}")
+
+    def __enter__(self) -> "Phase":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the worker's child process: get SIGTERM if the benchmark dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not glibc Linux: the finally-block cleanup still stops it on any Python exit
+
+
+class Worker:
+    """One `attribution worker` subprocess, its log, memory and liveness."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.max_rss_mb = 0.0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "attribution", "worker", "--loglevel", "warn"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchmarkError(
+                f"the worker exited with status {self.process.returncode}; "
+                f"its log ({self.log_path}) ends:\n{self.log_tail()}"
+            )
+
+    def sample_memory(self) -> tuple[float, float]:
+        try:
+            rss, peak = memory_mb(self.pid)
+        except OSError:  # gone since the last look: say how it ended
+            self.check_alive()
+            raise
+        self.max_rss_mb = max(self.max_rss_mb, rss)
+        return rss, peak
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError as exc:
+            return f"(cannot read the log: {exc})"
+
+    def log_problems(self, keep: int = 10) -> dict[str, Any]:
+        """The kinds of warning and error lines in the log, most frequent first (the worker runs
+        at --loglevel warn: nothing else is there). Numbers are masked so that one kind of
+        message counts as one."""
+        try:
+            lines = [ANSI_ESCAPE.sub("", line)
+                     for line in self.log_path.read_text(errors="replace").splitlines()]
+        except OSError:
+            return {"log_lines": 0, "kinds": {}}
+        kinds: Counter[str] = Counter()
+        for line in lines:
+            level = LOG_LEVEL.search(line)
+            if level is not None:
+                message = line[level.end():].strip()
+                kinds[f"{level.group(1)} {re.sub(r'[0-9]+', 'N', message)[:160]}"] += 1
+            elif line.startswith("Traceback"):
+                kinds["Traceback"] += 1
+        return {"log_lines": len(lines), "kinds": dict(kinds.most_common(keep))}
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Isolation:
+    """A topic prefix, database, state directory and log of this run only."""
+
+    tag: str
+    env: dict[str, str]
+    config: Config
+    workdir: Path
+
+    @property
+    def database(self) -> str:
+        return self.config.clickhouse.database
+
+
+def isolate(stack: Stack) -> Isolation:
+    from sinks.migrate import migrate_server
+    from streams.topics import ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    workdir = stack.root / "bench" / tag
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP=stack.kafka_bootstrap,
+        TOPIC_PREFIX=f"bench{tag}.",
+        CLICKHOUSE_URL=f"clickhouse://default@{stack.clickhouse_address}/bench_{tag}",
+        METRICS_PORT="0",
+        ATTRIBUTION_STATE_DIR=str(workdir / "state"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    # Config reads the environment only; this process is the benchmark's own, so set it here.
+    os.environ.update(env)
+    config = Config.from_env()
+    migrate_server(config.clickhouse)
+    ensure_topics(config)
+    return Isolation(tag, env, config, workdir)
+
+
+def generate_lines(visitors: int, seed: int, start: datetime) -> list[bytes]:
+    profile = TrafficProfile(visitors=visitors, seed=seed, start=start)
+    return [encode_json(event) for event in generate(sample_reference(), profile)]
+
+
+def backlog_of_at_least(events: int, seed: int) -> tuple[int, list[bytes]]:
+    """(visitors, lines) of a generated day with at least `events` lines."""
+    pilot = len(generate_lines(PILOT_VISITORS, seed, BACKLOG_START))
+    visitors = visitors_for(events, pilot / PILOT_VISITORS)
+    for _ in range(5):
+        lines = generate_lines(visitors, seed, BACKLOG_START)
+        if len(lines) >= events:
+            return visitors, lines
+        visitors = max(visitors_for(events, len(lines) / visitors), visitors + visitors // 20 + 1)
+    raise BenchmarkError(f"could not generate {events} events (last try: {len(lines)})")
+
+
+def publish_backlog(iso: Isolation, lines: list[bytes], console: Console) -> dict[str, Any]:
+    from streams.publish import produce_lines, publish_reference
+
+    reference = sample_reference()
+    publish_reference(iso.config, *parse_reference_document(orjson.dumps(reference)))
+    done = 0
+    with Phase(console, "publishing the backlog", len(lines)) as phase:
+        def on_line(count: int) -> None:
+            nonlocal done
+            done += count
+            if done % 2000 == 0:
+                phase.update(done)
+
+        started = time.monotonic()
+        summary = produce_lines(iso.config, lines, on_line=on_line)
+        seconds = time.monotonic() - started
+        phase.update(done)
+    return {"sent": summary.total_sent, "by_topic": dict(summary.sent),
+            "skipped": dict(summary.skipped), "seconds": round(seconds, 2),
+            "events_per_s": round(per_second(summary.total_sent, seconds))}
+
+
+def read_baseline(iso: Isolation, expected_lines: int, console: Console) -> dict[str, Any]:
+    """A plain consumer: all partitions of the input topics, beginning to end, each decoded."""
+    return asyncio.run(_read_baseline(iso, expected_lines, console))
+
+
+async def _read_baseline(iso: Isolation, expected_lines: int, console: Console) -> dict[str, Any]:
+    # aiokafka, the client under Faust: the baseline is what the worker's own client and the
+    # project's validator can do. kafka-python parses records in pure Python and reads only
+    # ~11k events/s on a 2-CPU machine (aiokafka ~200k): as a baseline it would measure itself.
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=iso.config.kafka_bootstrap.split(","),
+        group_id=None, enable_auto_commit=False,
+        fetch_max_bytes=64 * MB, max_partition_fetch_bytes=8 * MB,
+    )
+    await consumer.start()
+    try:
+        started = time.monotonic()
+        # This run created the topics (fresh prefix) with `config.partitions` partitions.
+        partitions = [
+            TopicPartition(iso.config.topic(topic), partition)
+            for topic in INPUT_TOPICS
+            for partition in range(iso.config.partitions)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        kind_of = {tp: TYPE_OF_TOPIC[tp.topic[len(iso.config.topic_prefix):]] for tp in partitions}
+        read = invalid = 0
+        last_record = time.monotonic()
+        with Phase(console, "baseline consumer", sum(ends.values())) as phase:
+            while remaining:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+                for tp, records in batch.items():
+                    kind = kind_of[tp]
+                    for record in records:
+                        try:
+                            decode_event(record.value or b"", kind)
+                        except InvalidEvent:
+                            invalid += 1
+                    read += len(records)
+                    if records and records[-1].offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+                now = time.monotonic()
+                if batch:
+                    last_record = now
+                elif now - last_record > BASELINE_STALL_SECONDS:
+                    raise BenchmarkError(
+                        f"baseline consumer: no record for {BASELINE_STALL_SECONDS:.0f} s with "
+                        f"{len(remaining)} partitions unfinished (read {read} of "
+                        f"{sum(ends.values())})"
+                    )
+                phase.update(read)
+        seconds = time.monotonic() - started
+    finally:
+        await consumer.stop()
+    if read != expected_lines:
+        console.print(f"[yellow]baseline read {read} events, {expected_lines} were published")
+    return {"client": f"aiokafka {importlib.metadata.version('aiokafka')}", "events": read,
+            "invalid": invalid, "seconds": round(seconds, 2),
+            "events_per_s": round(per_second(read, seconds))}
+
+
+class Rows:
+    """Counting and finding the benchmark's rows in ClickHouse, riding out short outages.
+
+    The stack is shared: another engineer's outage test may stop ClickHouse for a minute. The
+    worker waits such outages out (it retries forever); so do the benchmark's queries, for up to
+    CLICKHOUSE_DOWN_SECONDS, and the seconds lost are reported with the phase they fell in.
+    """
+
+    def __init__(self, iso: Isolation, console: Console) -> None:
+        from sinks.clickhouse import connect
+
+        self.client = connect(iso.config.clickhouse)
+        self.db = iso.database
+        self.console = console
+        self.unreachable_seconds = 0.0
+
+    def execute(
+        self, sql: str, params: dict[str, Any] | None = None,
+        patience: float = CLICKHOUSE_DOWN_SECONDS,
+    ) -> list[Any]:
+        from sinks.clickhouse import is_transient
+
+        down_since: float | None = None
+        while True:
+            try:
+                rows: list[Any] = self.client.execute(sql, params)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    self.console.print(f"[yellow]ClickHouse unreachable ({exc.__class__.__name__});"
+                                       f" retrying for up to {patience:.0f} s")
+                if now - down_since > patience:
+                    raise BenchmarkError(
+                        f"ClickHouse unreachable for {patience:.0f} s: {exc!r}"
+                    ) from exc
+                time.sleep(1.0)
+                continue
+            if down_since is not None:
+                lost = time.monotonic() - down_since
+                self.unreachable_seconds += lost
+                self.console.print(f"[yellow]ClickHouse back after {lost:.0f} s")
+            return rows
+
+    def count(self, table: str, final: bool = False) -> int:
+        sql = f"SELECT count() FROM {self.db}.{table}{' FINAL' if final else ''}"
+        return int(self.execute(sql)[0][0])
+
+    def orders_seen(self, ids: Iterable[str]) -> dict[str, str]:
+        """Of the orders `ids`, those with an attributed_orders row, and their status."""
+        rows = self.execute(
+            f"SELECT order_id, status FROM {self.db}.attributed_orders WHERE order_id IN %(ids)s",
+            {"ids": tuple(ids)},
+        )
+        return {order_id: status for order_id, status in rows}
+
+    def accruals_seen(self, ids: Iterable[str]) -> set[str]:
+        rows = self.execute(
+            f"SELECT order_id FROM {self.db}.commission_facts WHERE fact_id IN %(ids)s",
+            {"ids": tuple(f"{order_id}:accrual" for order_id in ids)},
+        )
+        return {order_id for (order_id,) in rows}
+
+    def version(self) -> str:
+        return str(self.execute("SELECT version()")[0][0])
+
+
+def catch_up(
+    worker: Worker, rows: Rows, expected: ExpectedRows, lines: int, timeout: float, console: Console,
+    on_start: Callable[[int], None] = lambda pid: None,
+) -> dict[str, Any]:
+    """Start the worker; wait until every expected click, share and order is in ClickHouse."""
+    worker.start()
+    on_start(worker.pid)
+    first_row: float | None = None
+    last_progress, last_done = worker.started, -1
+    counts: dict[str, int] = {}
+    with Phase(console, "worker catch-up (rows)", expected.rows) as phase:
+        while True:
+            worker.check_alive()
+            counts = {table: rows.count(table) for table in CATCH_UP_TABLES}
+            now = time.monotonic()
+            if first_row is None and any(counts.values()):
+                first_row = now
+            done = sum(min(counts[t], expected.of_table(t)) for t in CATCH_UP_TABLES)
+            if done != last_done:
+                last_progress, last_done = now, done
+            rss, _ = worker.sample_memory()
+            # Events/s so far, assuming events are done in the proportion their rows are.
+            rate = per_second(lines, now - worker.started) * done / max(1, expected.rows)
+            phase.update(done, f"~{rate:,.0f} events/s  worker RSS {rss:,.0f} MB")
+            if all(counts[t] >= expected.of_table(t) for t in CATCH_UP_TABLES):
+                final = {table: rows.count(table, final=True) for table in CATCH_UP_TABLES}
+                if all(final[t] >= expected.of_table(t) for t in CATCH_UP_TABLES):
+                    finished = time.monotonic()
+                    counts = final
+                    break
+            if now - last_progress > STALL_SECONDS:
+                raise BenchmarkError(
+                    f"no new rows for {STALL_SECONDS:.0f} s (have {counts}, expect clicks "
+                    f"{expected.clicks}, shares {expected.shares}, orders {expected.orders}); "
+                    f"the worker's log ({worker.log_path}) ends:\n{worker.log_tail()}"
+                )
+            if now - worker.started > timeout:
+                raise BenchmarkError(
+                    f"catch-up not done after {timeout:.0f} s (have {counts}); raise "
+                    f"--catchup-timeout or use fewer --events; log: {worker.log_path}"
+                )
+            time.sleep(CATCH_UP_POLL_SECONDS)
+    seconds = finished - worker.started
+    busy = finished - (first_row or worker.started)
+    return {
+        "seconds": round(seconds, 2),
+        "events_per_s": round(per_second(lines, seconds)),
+        "first_row_after_s": round((first_row or finished) - worker.started, 2),
+        "events_per_s_from_first_row": round(per_second(lines, busy)),
+        "rows_final": counts,
+    }
+
+
+def group_lag(iso: Isolation) -> int | None:
+    """Messages the worker's consumer group has not committed yet, over its topics (None: the
+    group has committed nothing yet)."""
+    from kafka import KafkaConsumer
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=iso.config.kafka_bootstrap.split(","))
+    consumer = KafkaConsumer(bootstrap_servers=iso.config.kafka_bootstrap.split(","), group_id=None)
+    try:
+        committed = admin.list_group_offsets({iso.config.app_id: None}).get(iso.config.app_id, {})
+        ours = {tp: meta.offset for tp, meta in committed.items()
+                if tp.topic.startswith(iso.config.topic_prefix)}
+        if not ours:
+            return None
+        ends = consumer.end_offsets(list(ours))
+        return sum(max(0, ends[tp] - offset) for tp, offset in ours.items())
+    finally:
+        consumer.close()
+        admin.close()
+
+
+def wait_for_zero_lag(iso: Isolation, worker: Worker, console: Console) -> dict[str, Any]:
+    started = time.monotonic()
+    lag = group_lag(iso)
+    while lag != 0 and time.monotonic() - started < LAG_WAIT_SECONDS:
+        worker.check_alive()
+        time.sleep(1.0)
+        lag = group_lag(iso)
+    seconds = time.monotonic() - started
+    if lag != 0:
+        console.print(f"[yellow]the worker's consumer lag is still {lag} after {seconds:.0f} s; "
+                      "measuring latency anyway")
+    return {"lag": lag, "waited_s": round(seconds, 2)}
+
+
+@dataclass
+class _Published:
+    """What the latency publisher thread hands to the poller."""
+
+    orders: "queue.SimpleQueue[tuple[str, float]]" = field(default_factory=queue.SimpleQueue)
+    sent: int = 0
+    first: float | None = None
+    last: float | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _publish_stream(config: Config, lines: list[bytes], rate: float, out: _Published) -> None:
+    from kafka import KafkaProducer
+
+    from streams.publish import produce_lines
+
+    ids = order_ids(lines)
+    recorded: set[str] = set()
+
+    def timed() -> Iterator[bytes]:
+        for index, line in enumerate(pace(lines, rate)):
+            if out.stop.is_set():
+                return
+            now = time.monotonic()
+            out.first = out.first or now
+            out.last = now
+            out.sent += 1
+            order_id = ids[index]
+            if order_id is not None and order_id not in recorded:  # a re-sent order keeps its first time
+                recorded.add(order_id)
+                out.orders.put((order_id, now))
+            yield line
+
+    producer = KafkaProducer(
+        bootstrap_servers=config.kafka_bootstrap.split(","), acks="all",
+        linger_ms=LATENCY_PRODUCER_LINGER_MS, max_in_flight_requests_per_connection=1, retries=10,
+    )
+    try:
+        produce_lines(config, timed(), producer=producer)
+    except BaseException as exc:  # handed to the main thread, which reports it
+        out.error = exc
+    finally:
+        producer.close(timeout=10)
+        out.done.set()
+
+
+def steady_latency(
+    iso: Isolation, worker: Worker, rows: Rows, lines: list[bytes], rate: float, console: Console,
+) -> dict[str, Any]:
+    """Publish `lines` at `rate`; time each order until its row (and accrual fact) is readable."""
+    published = _Published()
+    publisher = threading.Thread(
+        target=_publish_stream, args=(iso.config, lines, rate, published), daemon=True,
+        name="latency-publisher",
+    )
+    pending_rows: dict[str, float] = {}
+    pending_facts: dict[str, float] = {}
+    row_delays: list[float] = []
+    row_samples: list[tuple[float, float]] = []  # (published at, delay), for the trend
+    attributed_row_delays: list[float] = []  # the same orders as the accrual facts
+    fact_delays: list[float] = []
+    orders = 0
+    publisher.start()
+    try:
+        with Phase(console, "steady-state orders seen", len(lines)) as phase:
+            while True:
+                polled = time.monotonic()
+                while True:
+                    try:
+                        order_id, sent_at = published.orders.get_nowait()
+                    except queue.Empty:
+                        break
+                    pending_rows[order_id] = pending_facts[order_id] = sent_at
+                    orders += 1
+                if pending_rows:
+                    seen = rows.orders_seen(pending_rows)
+                    now = time.monotonic()
+                    for order_id, status in seen.items():
+                        sent_at = pending_rows.pop(order_id)
+                        row_delays.append(now - sent_at)
+                        row_samples.append((sent_at, now - sent_at))
+                        if status == "unattributed":  # no commission, so no accrual fact
+                            pending_facts.pop(order_id, None)
+                        else:
+                            attributed_row_delays.append(row_delays[-1])
+                waiting_facts = [o for o in pending_facts if o not in pending_rows]
+                if waiting_facts:
+                    seen_facts = rows.accruals_seen(waiting_facts)
+                    now = time.monotonic()
+                    for order_id in seen_facts:
+                        fact_delays.append(now - pending_facts.pop(order_id))
+                if published.error is not None:
+                    raise BenchmarkError(f"publishing the fresh stream failed: {published.error!r}")
+                worker.check_alive()
+                rss, _ = worker.sample_memory()
+                p50 = f"p50 {percentile(row_delays, 50):.2f} s" if row_delays else ""
+                phase.update(published.sent, f"{len(row_delays)}/{orders} orders seen {p50}  "
+                                             f"worker RSS {rss:,.0f} MB")
+                if published.done.is_set() and not pending_rows and not pending_facts:
+                    break
+                if published.done.is_set() and published.last is not None \
+                        and time.monotonic() - published.last > SETTLE_SECONDS:
+                    console.print(f"[yellow]{len(pending_rows)} orders without a row and "
+                                  f"{len(pending_facts)} without an accrual fact "
+                                  f"{SETTLE_SECONDS:.0f} s after the last event was published")
+                    break
+                time.sleep(max(0.0, LATENCY_POLL_SECONDS - (time.monotonic() - polled)))
+    finally:
+        published.stop.set()
+        publisher.join(timeout=30)
+    span = (published.last or 0.0) - (published.first or 0.0)
+    return {
+        "target_rate": round(rate, 1),
+        "achieved_rate": round(per_second(published.sent - 1, span), 1),
+        "events": published.sent,
+        "publish_seconds": round(span, 2),
+        "orders": orders,
+        "order_to_row": asdict(summarise_latency(row_delays, len(pending_rows))),
+        "order_to_row_median_by_third_s": median_by_thirds(row_samples),
+        "attributed_order_to_row": asdict(summarise_latency(attributed_row_delays, 0)),
+        "order_to_accrual_fact": asdict(summarise_latency(fact_delays, len(pending_facts))),
+        "poll_interval_s": LATENCY_POLL_SECONDS,
+    }
+
+
+def clean_up(iso: Isolation, rows: Rows | None, console: Console) -> None:
+    """Drop what this run made on the shared stack: its database, topics, group and state."""
+    from kafka.admin import KafkaAdminClient
+
+    steps: list[tuple[str, Callable[[], object]]] = []
+    if rows is not None:
+        database = rows
+        steps.append(("drop database", lambda: database.execute(
+            f"DROP DATABASE IF EXISTS {iso.database}", patience=CLEAN_UP_PATIENCE_SECONDS)))
+
+    def delete_topics() -> None:
+        admin = KafkaAdminClient(bootstrap_servers=iso.config.kafka_bootstrap.split(","))
+        try:
+            # Ours only: the prefix and the Faust app id (changelogs) both carry the run's tag.
+            mine = [topic for topic in admin.list_topics()
+                    if topic.startswith(iso.config.topic_prefix)
+                    or topic.startswith(f"{iso.config.app_id}-")]
+            if mine:
+                admin.delete_topics(mine, timeout_ms=30_000)
+            try:
+                admin.delete_groups([iso.config.app_id])
+            except Exception:  # the group may never have committed; nothing to delete
+                pass
+        finally:
+            admin.close()
+
+    steps.append(("delete topics", delete_topics))
+    steps.append(("delete worker state",
+                  lambda: shutil.rmtree(iso.workdir / "state", ignore_errors=True)))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # clean up what we can; say what is left behind
+            console.print(f"[yellow]clean-up: {name} failed ({exc!r}); left behind: database "
+                          f"{iso.database}, topics {iso.config.topic_prefix}* and "
+                          f"{iso.config.app_id}-*, state {iso.workdir / 'state'}")
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:,.0f} ms"
+
+
+def results_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"Benchmark {result['tag']} — one worker, {result['machine']['nproc']} CPUs")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("notes")
+    backlog, catch, base = result["backlog"], result["catch_up"], result["baseline"]
+    table.add_row("backlog", f"{backlog['events']:,} events",
+                  f"{backlog['expected']['clicks']:,} clicks, {backlog['expected']['shares']:,} shares, "
+                  f"{backlog['expected']['orders']:,} orders, {backlog['expected']['refunds']:,} refunds")
+    table.add_row("catch-up", f"{catch['events_per_s']:,} events/s",
+                  f"{catch['seconds']:.0f} s from worker start; worker used {catch['cpu_cores']['worker']} cores")
+    table.add_row("catch-up from first row", f"{catch['events_per_s_from_first_row']:,} events/s",
+                  f"first row after {catch['first_row_after_s']:.1f} s")
+    table.add_row("baseline consumer + decode", f"{base['events_per_s']:,} events/s",
+                  f"{base['seconds']:.1f} s, {base['client']}, no group")
+    table.add_row("pipeline / baseline", f"{result['ratio_pipeline_to_baseline']:.1%}", "")
+    latency = result["latency"]
+    if latency is not None:
+        rows, facts = latency["order_to_row"], latency["order_to_accrual_fact"]
+        note = f"at {latency['achieved_rate']:,.0f} events/s for {latency['publish_seconds']:.0f} s"
+        table.add_row("order -> row p50 / p95 / p99",
+                      f"{_seconds(rows['p50_s'])} / {_seconds(rows['p95_s'])} / {_seconds(rows['p99_s'])}",
+                      f"{rows['samples']} orders, {rows['unseen']} unseen, {note}")
+        thirds = " / ".join(_seconds(m) for m in latency["order_to_row_median_by_third_s"])
+        table.add_row("order -> row p50 by third of the phase", thirds,
+                      "growing = the worker falls behind at this rate")
+        table.add_row("order -> accrual fact p50 / p95 / p99",
+                      f"{_seconds(facts['p50_s'])} / {_seconds(facts['p95_s'])} / {_seconds(facts['p99_s'])}",
+                      f"{facts['samples']} attributed orders")
+    table.add_row("worker peak RSS (VmHWM)", f"{result['memory']['peak_rss_mb']:,.0f} MB", "")
+    m = result["machine"]
+    table.add_row("machine", f"{m['nproc']} CPUs, {m['ram_gib']} GiB",
+                  f"{m['cpu_model']}; Python {m['python']}, Kafka {m['kafka']}, ClickHouse {m['clickhouse']}")
+    for disturbance in result["disturbances"]:
+        table.add_row("[yellow]disturbed", "", disturbance)
+    return table
+
+
+class PhaseWatch:
+    """What else happened during a phase: CPU by process, ClickHouse outages, server restarts.
+
+    Numbers from a disturbed phase are kept, and the disturbance is reported next to them.
+    """
+
+    def __init__(
+        self, name: str, stack: Stack, rows: Rows, pids: dict[str, int] | None = None
+    ) -> None:
+        self.name = name
+        self.stack = stack
+        self.rows = rows
+        self.servers = self._server_pids()
+        self.cpu = CpuMeter(
+            {**(pids or {}), **{k: v for k, v in self.servers.items() if v is not None}}
+        )
+        self.unreachable_before = rows.unreachable_seconds
+
+    def _server_pids(self) -> dict[str, int | None]:
+        return {"kafka": self.stack.kafka.process.pid(),
+                "clickhouse": self.stack.clickhouse.process.pid()}
+
+    def finish(self, into: dict[str, Any], disturbances: list[str]) -> None:
+        cores = self.cpu.cores()
+        lost = self.rows.unreachable_seconds - self.unreachable_before
+        into["cpu_cores"] = cores
+        into["clickhouse_unreachable_s"] = round(lost, 1)
+        if cores["others"] > BUSY_MACHINE_CORES:
+            disturbances.append(f"{self.name}: other processes used {cores['others']} cores")
+        if lost > 0:
+            disturbances.append(f"{self.name}: ClickHouse unreachable for {lost:.0f} s")
+        for server, pid in self._server_pids().items():
+            if pid != self.servers[server]:
+                disturbances.append(f"{self.name}: {server} restarted (pid {self.servers[server]}"
+                                    f" -> {pid})")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    stack = Stack()
+    status = stack.status()
+    if not status.running:
+        console.print("starting the local stack (attribution stack up)")
+        stack.up(progress=lambda line: console.print(f"  {line}"))
+        status = stack.status()
+    iso = isolate(stack)
+    console.print(f"run {iso.tag}: prefix {iso.config.topic_prefix}, database {iso.database}, "
+                  f"worker log {iso.workdir / 'worker.log'}")
+    worker = Worker(iso.env, iso.workdir / "worker.log")
+    rows: Rows | None = None
+    try:
+        rows = Rows(iso, console)
+        result: dict[str, Any] = {
+            "tag": iso.tag,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(stack, rows.version()),
+            "settings": {
+                "events": args.events, "seed": args.seed, "partitions": iso.config.partitions,
+                "batch_size": iso.config.batch_size, "batch_seconds": iso.config.batch_seconds,
+            },
+        }
+
+        disturbances: list[str] = result.setdefault("disturbances", [])
+        console.print(f"generating at least {args.events:,} events")
+        visitors, lines = backlog_of_at_least(args.events, args.seed)
+        expected = expected_rows(lines)
+        console.print(f"  {len(lines):,} events from {visitors:,} visitors: {expected}")
+        result["backlog"] = {"events": len(lines), "visitors": visitors, "expected": asdict(expected)}
+        result["backlog"]["publish"] = publish_backlog(iso, lines, console)
+
+        watch = PhaseWatch("baseline", stack, rows)
+        result["baseline"] = read_baseline(iso, len(lines), console)
+        watch.finish(result["baseline"], disturbances)
+        console.print(f"  baseline: {result['baseline']['events_per_s']:,} events/s")
+
+        watch = PhaseWatch("catch-up", stack, rows)
+        result["catch_up"] = catch_up(
+            worker, rows, expected, len(lines), args.catchup_timeout, console,
+            on_start=lambda pid: watch.cpu.track("worker", pid),
+        )
+        watch.finish(result["catch_up"], disturbances)
+        rss, _ = worker.sample_memory()
+        result["catch_up"]["worker_rss_mb"] = round(rss)
+        catch_rate = result["catch_up"]["events_per_s"]
+        result["ratio_pipeline_to_baseline"] = round(catch_rate / result["baseline"]["events_per_s"], 4)
+        console.print(f"  catch-up: {catch_rate:,} events/s "
+                      f"({result['catch_up']['seconds']:.0f} s), worker RSS {rss:,.0f} MB")
+
+        result["caught_up"] = wait_for_zero_lag(iso, worker, console)
+        rate = catch_rate * STEADY_RATE_SHARE
+        fresh_visitors = visitors_for(int(rate * args.latency_seconds), len(lines) / visitors)
+        fresh = generate_lines(fresh_visitors, args.seed + 1, BACKLOG_START + timedelta(days=1))
+        console.print(f"steady state: {len(fresh):,} fresh events at {rate:,.0f} events/s "
+                      f"(~{len(fresh) / rate:.0f} s)")
+        watch = PhaseWatch("latency", stack, rows, {"worker": worker.pid})
+        result["latency"] = steady_latency(iso, worker, rows, fresh, rate, console)
+        watch.finish(result["latency"], disturbances)
+        for disturbance in disturbances:
+            console.print(f"[yellow]disturbed: {disturbance}")
+
+        rss, peak = worker.sample_memory()
+        result["memory"] = {"peak_rss_mb": round(peak), "rss_at_end_mb": round(rss),
+                            "max_sampled_rss_mb": round(worker.max_rss_mb)}
+        worker.stop()  # first, so that the log summary has the shut-down too
+        result["worker_log"] = {"path": str(worker.log_path), **worker.log_problems()}
+        return result
+    finally:
+        worker.stop()
+        if args.keep:
+            console.print(f"kept: prefix {iso.config.topic_prefix}, database {iso.database}, "
+                          f"state {iso.workdir / 'state'}")
+        else:
+            clean_up(iso, rows, console)
+        if rows is not None:
+            rows.client.disconnect()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.benchmark",
+        description="Catch-up throughput of one worker vs a plain consumer, steady-state "
+        "order latency and worker memory, on the local stack (see the module docstring).",
+    )
+    parser.add_argument("--events", type=int, default=300_000,
+                        help="backlog size, at least (default 300000)")
+    parser.add_argument("--seed", type=int, default=42, help="generator seed (default 42)")
+    parser.add_argument("--latency-seconds", type=float, default=60.0,
+                        help="length of the fixed-rate phase (default 60)")
+    parser.add_argument("--catchup-timeout", type=float, default=1800.0,
+                        help="give up on the catch-up after this many seconds (default 1800)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the database, topics and worker state of the run")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.latency_seconds <= 0:
+        parser.error("--events and --latency-seconds must be positive")
+
+    # Progress goes to stderr, results to stdout; a log file gets long lines, not 80 columns.
+    progress = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+    # The driver logs every failed ping; `Rows` says once that ClickHouse is unreachable.
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = run(args, progress)
+    except BenchmarkError as exc:
+        progress.print(f"[red]benchmark failed:[/red] {exc}", markup=True, highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        progress.print("[red]interrupted[/red]; the worker was stopped")
+        return 130
+    Console(width=None if sys.stdout.isatty() else 140).print(results_table(result))
+    document = orjson.dumps(result, option=orjson.OPT_INDENT_2)
+    if args.json:
+        Path(args.json).write_bytes(document + b"\n")
+    sys.stdout.write(document.decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

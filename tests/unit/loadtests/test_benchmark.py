@@ -1,0 +1,188 @@
+"""The pure parts of the benchmark (`loadtests.benchmark`) and the generator's pacing: percentiles,
+the rows a published stream must become, and the fixed-rate schedule. No Kafka, no ClickHouse."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from loadtests.benchmark import (
+    ExpectedRows,
+    expected_rows,
+    median_by_thirds,
+    order_ids,
+    percentile,
+    summarise_latency,
+    visitors_for,
+)
+from loadtests.generator import TrafficProfile, generate, pace, sample_reference, seconds_until_due
+from schemas.validation import encode_json
+
+TS = "2026-11-02T10:00:00Z"
+
+
+def click(event_id: str, visitor: str = "v-1") -> bytes:
+    return orjson.dumps({"event_id": event_id, "type": "click", "ts": TS, "visitor_id": visitor,
+                         "session_id": "s-1", "affiliate_id": "aff-001", "channel": "blog"})
+
+
+def order(event_id: str, order_id: str, total: str = "10.00") -> bytes:
+    return orjson.dumps({"event_id": event_id, "type": "order", "ts": TS, "order_id": order_id,
+                         "visitor_id": "v-1", "customer_id": "c-1", "currency": "USD",
+                         "total": total})
+
+
+def share(event_id: str) -> bytes:
+    return orjson.dumps({"event_id": event_id, "type": "share", "ts": TS,
+                         "affiliate_id": "aff-001", "share_id": "sh-1", "channel": "blog"})
+
+
+# --- percentiles ---
+
+
+def test_percentile_interpolates_between_ranks_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 95) == pytest.approx(3.85)
+
+
+def test_percentile_does_not_depend_on_input_order() -> None:
+    values = [float(n) for n in range(1, 101)]
+    assert percentile(list(reversed(values)), 99) == pytest.approx(99.01)
+    assert percentile(values, 50) == 50.5
+
+
+def test_percentile_of_one_value_is_that_value() -> None:
+    assert percentile([0.7], 99) == 0.7
+
+
+def test_percentile_rejects_no_values_and_bad_q() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_summary_counts_unseen_orders_and_has_no_percentiles_without_samples() -> None:
+    empty = summarise_latency([], unseen=3)
+    assert (empty.samples, empty.unseen, empty.p50_s, empty.max_s) == (0, 3, None, None)
+    summary = summarise_latency([0.5, 1.5, 1.0], unseen=0)
+    assert (summary.samples, summary.p50_s, summary.max_s) == (3, 1.0, 1.5)
+
+
+def test_medians_by_third_show_a_growing_delay() -> None:
+    samples = [(0.0, 1.0), (1.0, 1.2), (4.0, 2.0), (5.0, 2.2), (8.0, 5.0), (9.0, 6.0)]
+    assert median_by_thirds(samples) == [1.1, 2.1, 5.5]
+
+
+def test_medians_by_third_of_nothing_or_one_instant() -> None:
+    assert median_by_thirds([]) == [None, None, None]
+    assert median_by_thirds([(3.0, 0.5), (3.0, 0.7)]) == [0.6, None, None]
+
+
+# --- what the worker must write ---
+
+
+def test_expected_rows_count_distinct_valid_ids_per_table() -> None:
+    lines = [
+        click("e1"), click("e1"),  # a producer retry: one row
+        click("e2"),
+        share("e3"),
+        order("e4", "o-1"), order("e5", "o-1"),  # the same order twice: the first wins
+        order("e6", "o-2"),
+    ]
+    assert expected_rows(lines) == ExpectedRows(
+        lines=7, unroutable=0, invalid=0, duplicates=2,
+        clicks=2, shares=1, orders=2, refunds=0,
+    )
+
+
+def test_expected_rows_leave_out_invalid_and_unroutable_lines() -> None:
+    lines = [
+        order("e1", "o-1", total="-5.00"),  # routable, dead-lettered by the worker
+        b"not json",  # never sent
+        orjson.dumps({"type": "click", "event_id": "e2"}),  # no visitor_id: never sent
+        click("e3"),
+    ]
+    expected = expected_rows(lines)
+    assert (expected.invalid, expected.unroutable) == (1, 2)
+    assert (expected.clicks, expected.orders, expected.rows) == (1, 0, 1)
+
+
+def test_expected_rows_of_a_generated_day_match_its_distinct_ids() -> None:
+    events = list(generate(sample_reference(), TrafficProfile(visitors=500, duplicate_rate=0.05)))
+    expected = expected_rows([encode_json(event) for event in events])
+    by_type = {kind: {e["order_id"] if kind == "order" else e["event_id"]
+                      for e in events if e["type"] == kind}
+               for kind in ("click", "share", "order", "refund")}
+    assert expected.lines == len(events)
+    assert (expected.clicks, expected.shares, expected.orders, expected.refunds) == tuple(
+        len(by_type[kind]) for kind in ("click", "share", "order", "refund"))
+    assert expected.duplicates > 0 and expected.invalid == 0
+
+
+def test_order_ids_name_the_order_of_each_valid_order_line_only() -> None:
+    lines = [click("e1"), order("e2", "o-1"), order("e3", "o-2", total="oops"), b"{"]
+    assert order_ids(lines) == [None, "o-1", None, None]
+
+
+def test_visitors_for_leaves_head_room_and_never_asks_for_none() -> None:
+    assert visitors_for(300_000, 2.0) == math.ceil(150_000 * 1.02)
+    assert visitors_for(0, 2.0) == 1
+    with pytest.raises(ValueError):
+        visitors_for(10, 0.0)
+
+
+# --- pacing ---
+
+
+def test_item_n_is_due_n_over_rate_seconds_after_the_first() -> None:
+    assert seconds_until_due(0, 100.0, 0.0) == 0.0
+    assert seconds_until_due(50, 100.0, 0.3) == pytest.approx(0.2)
+    assert seconds_until_due(750, 750.0, 0.25) == pytest.approx(0.75)
+
+
+def test_a_late_item_goes_at_once_and_the_schedule_does_not_slide() -> None:
+    assert seconds_until_due(10, 100.0, 0.5) == 0.0  # due at 0.1 s, it is 0.5 s
+    # after the pause the next items keep their own slots: item 60 is still due at 0.6 s
+    assert seconds_until_due(60, 100.0, 0.5) == pytest.approx(0.1)
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        seconds_until_due(1, 0.0, 0.0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_pace_hands_out_items_at_the_rate() -> None:
+    clock = FakeClock()
+    handed: list[tuple[str, float]] = []
+    for item in pace(["a", "b", "c", "d"], 4.0, clock=clock, sleep=clock.sleep):
+        handed.append((item, clock.now - 100.0))
+    assert handed == [("a", 0.0), ("b", 0.25), ("c", 0.5), ("d", 0.75)]
+
+
+def test_pace_makes_up_a_pause_without_sleeping() -> None:
+    clock = FakeClock()
+    handed: list[float] = []
+    for item in pace(range(5), 10.0, clock=clock, sleep=clock.sleep):
+        handed.append(round(clock.now - 100.0, 6))
+        if item == 1:
+            clock.now += 0.25  # a slow send: items 2 and 3 are already due
+    assert handed == [0.0, 0.1, 0.35, 0.35, 0.4]
