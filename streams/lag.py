@@ -66,7 +66,7 @@ class LagReporter:
             await self.start()
         assert self._consumer is not None and self._admin is not None
         partitions: list[TopicPartition] = []
-        for topic in self.topics:  # re-read every time: partitions may be added
+        for topic in self.topics:  # from the client's cached metadata (refreshed every 5 min)
             partitions += await partitions_of(self._consumer, topic)
         ends = await self._consumer.end_offsets(partitions)
         committed = await self._admin.list_consumer_group_offsets(
