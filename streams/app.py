@@ -55,6 +55,8 @@ FATAL_EXIT_CODE = 70
 MAX_POLL_RECORDS = 500
 #: Queue size per agent: >= 5 x MAX_POLL_RECORDS leaves 20 % headroom >= one fetch (see above).
 STREAM_BUFFER_MAXSIZE = 10 * MAX_POLL_RECORDS
+#: Pending table (changelog) writes before Faust holds back fetched records (see create_app).
+PRODUCER_BUFFER_MESSAGES = 10_000
 #: Commit offsets every 0.5 s: orders wait for click commits (see barrier.py), so this bounds the
 #: extra order latency; Faust's default 2.8 s would eat the whole latency budget.
 COMMIT_INTERVAL_SECONDS = 0.5
@@ -98,6 +100,12 @@ def create_app(config: Config) -> faust.App:
         broker_heartbeat_interval=3.0,
         autodiscover=False,
     )
+
+    # Table writes go through Faust's producer buffer, and Faust stops handing out *any* fetched
+    # record while that buffer holds more than `max_messages` (100 by default): a join batch
+    # writing a few thousand visitors' touches froze every stage until they were sent. Let the
+    # buffer hold a couple of batches; Faust still flushes it before every commit.
+    app.producer.buffer.max_messages = max(PRODUCER_BUFFER_MESSAGES, 2 * config.batch_size)
 
     def raw_topic(name: str) -> Any:
         return app.topic(
