@@ -17,7 +17,8 @@ One run, on the local stack (`attribution stack up`), under a fresh topic prefix
    (`inserted_at` has whole seconds only);
 4. **memory** — the worker's peak resident set (VmHWM).
 
-It prints a table and a JSON document (also written to --json FILE). It never stops the stack; at
+It prints a table and a JSON document (also written to --json FILE) with the machine, the commit
+the worker ran and what else loaded the machine meanwhile. It never stops the stack; at
 the end it stops its worker, drops its database and deletes its topics and worker state, unless
 --keep. The worker's log stays under `.stack/bench/<tag>/`.
 """
@@ -61,6 +62,8 @@ from schemas.events import TOPIC_OF_TYPE, Order
 from schemas.validation import InvalidEvent, decode_event, encode_json, parse_reference_document
 
 REPO = Path(__file__).resolve().parent.parent
+#: What the worker subprocess runs: the code a result belongs to.
+PIPELINE_PACKAGES = ("attribution", "schemas", "sinks", "streams")
 TYPE_OF_TOPIC = {topic: kind for kind, topic in TOPIC_OF_TYPE.items()}
 #: The tables the catch-up waits on (`ExpectedRows.of_table` says how many rows each must hold).
 CATCH_UP_TABLES = ("clicks", "shares", "attributed_orders")
@@ -323,6 +326,21 @@ def machine(stack: Stack, clickhouse_version: str) -> dict[str, Any]:
         "kafka": stack.status().kafka.version,
         "clickhouse": clickhouse_version,
     }
+
+
+def code_under_test() -> dict[str, Any]:
+    """The commit the worker runs, and the pipeline files that differ from it: the checkout is
+    shared, so a result means little without the code it measured."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        changed = git("status", "--porcelain", "--", *PIPELINE_PACKAGES).splitlines()
+        return {"commit": git("rev-parse", "--short=12", "HEAD"),
+                "uncommitted_pipeline_files": [line[3:] for line in changed]}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"commit": None, "error": repr(exc)}
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -928,7 +946,10 @@ def _seconds(value: float | None) -> str:
 
 
 def results_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"Benchmark {result['tag']} — one worker, {result['machine']['nproc']} CPUs")
+    code = result["code"]
+    dirty = " + uncommitted changes" if code.get("uncommitted_pipeline_files") else ""
+    table = Table(title=f"Benchmark {result['tag']} — one worker, {result['machine']['nproc']} "
+                        f"CPUs, code {code.get('commit')}{dirty}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("notes")
@@ -1027,6 +1048,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "tag": iso.tag,
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(stack, rows.version()),
+            "code": code_under_test(),
             "settings": {
                 "events": args.events, "seed": args.seed, "partitions": iso.config.partitions,
                 "batch_size": iso.config.batch_size, "batch_seconds": iso.config.batch_seconds,
