@@ -66,7 +66,7 @@ class Config(BaseSettings):
     state_dir: Path = Field(Path(".stack/worker-state"), validation_alias="ATTRIBUTION_STATE_DIR")
     #: Rows per ClickHouse insert and the longest a row waits in a batch.
     batch_size: int = Field(5000, ge=1, validation_alias="ATTRIBUTION_BATCH_SIZE")
-    batch_seconds: float = Field(0.5, gt=0, validation_alias="ATTRIBUTION_BATCH_SECONDS")
+    batch_seconds: float = Field(0.2, gt=0, validation_alias="ATTRIBUTION_BATCH_SECONDS")
 
     @field_validator("topic_prefix")
     @classmethod
