@@ -31,7 +31,7 @@ from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
-from .barrier import click_barrier, order_barrier
+from .barrier import Progress, click_barrier, order_barrier
 from .codes import CodeStage, LookAhead
 from .forwarding import Forwarder
 from .lag import run_lag_reporter
@@ -136,7 +136,8 @@ def create_app(config: Config) -> faust.App:
     )
 
     reference = ReferenceReader(config)
-    barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"))
+    progress = Progress()
+    barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
 
     def sink() -> RowSink:
         return RowSink(config.clickhouse, TABLES)
@@ -150,7 +151,7 @@ def create_app(config: Config) -> faust.App:
         config.topic(CODE_EVENTS_TOPIC), code_redemptions, forwarder,
         config.topic(LEDGER_EVENTS_TOPIC), lambda: reference.snapshot,
         order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
-                      config.topic(VISITOR_EVENTS_TOPIC)),
+                      config.topic(VISITOR_EVENTS_TOPIC), progress),
         LookAhead(config.kafka_bootstrap, config.topic(CODE_EVENTS_TOPIC)),
     )
     ledger_stage = LedgerStage(
@@ -169,6 +170,7 @@ def create_app(config: Config) -> faust.App:
             try:
                 async for events in batches(stream):
                     await body(events)
+                    progress.mark(events)  # forwards acknowledged: the barriers may count them
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - must not be acked past

@@ -1,10 +1,12 @@
 """Forwarding barriers: wait until everything published before now has passed a stage.
 
 A stage of this worker forwards what it reads (clicks to `visitor-events`, orders to
-`visitor-events` and on to `code-events`). Faust flushes the producer before it commits offsets,
-so once the consumer group's *committed* offset on a topic reaches that topic's end offset read
-at some moment, every record published to it before that moment has been forwarded. Committed
-offsets are the group's, so this holds with any number of workers.
+`visitor-events` and on to `code-events`). A record counts as forwarded once its offset is below
+either the consumer group's *committed* offset (Faust flushes the producer before it commits;
+committed offsets are the group's, so this covers partitions other workers own) or this worker's
+own `Progress` (a stage marks a batch after its forwards were acknowledged by the broker, which is
+a commit interval sooner). A barrier waits until every partition of a topic is forwarded up to
+the end offset read at some moment: then every record published before that moment has been.
 
 - The click barrier (contract §4: every click published before the order counts, whatever the
   lag): for a batch of orders just read, wait until `clicks` is committed up to its end offsets
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -35,14 +38,37 @@ POLL_SECONDS = 0.05
 SLOW_WAIT_SECONDS = 30.0
 
 
-class ForwardBarrier:
-    """Waits until the group has committed a chain of topics up to their current ends."""
+class Progress:
+    """The next offset to process, per (topic, partition), of what this worker's stages finished."""
 
-    def __init__(self, bootstrap: str, group_id: str, chain: Sequence[str], name: str) -> None:
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, int], int] = {}
+
+    def mark(self, events: Sequence[Any]) -> None:
+        """Record a batch as done: call only once its forwards are acknowledged."""
+        done = self._next
+        for event in events:
+            message = event.message
+            key = (message.topic, message.partition)
+            if message.offset + 1 > done.get(key, 0):
+                done[key] = message.offset + 1
+
+    def next_offset(self, tp: TopicPartition) -> int:
+        return self._next.get((tp.topic, tp.partition), 0)
+
+
+class ForwardBarrier:
+    """Waits until a chain of topics is forwarded up to their current ends."""
+
+    def __init__(
+        self, bootstrap: str, group_id: str, chain: Sequence[str], name: str,
+        progress: Progress | None = None,
+    ) -> None:
         self.bootstrap = bootstrap
         self.group_id = group_id
         self.chain = tuple(chain)
         self.name = name
+        self.progress = progress or Progress()
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._partitions: dict[str, list[TopicPartition]] = {}
@@ -80,6 +106,10 @@ class ForwardBarrier:
         targets = {tp: end for tp, end in targets.items() if end > 0}
         warned = False
         while targets:
+            for tp in [tp for tp, end in targets.items() if self.progress.next_offset(tp) >= end]:
+                del targets[tp]
+            if not targets:
+                return
             committed = await self._admin.list_consumer_group_offsets(
                 self.group_id, partitions=list(targets)
             )
@@ -102,11 +132,15 @@ class ForwardBarrier:
         return await self._consumer.end_offsets(list(partitions))  # type: ignore[no-any-return]
 
 
-def click_barrier(bootstrap: str, group_id: str, clicks_topic: str) -> ForwardBarrier:
-    return ForwardBarrier(bootstrap, group_id, [clicks_topic], "click")
+def click_barrier(
+    bootstrap: str, group_id: str, clicks_topic: str, progress: Progress
+) -> ForwardBarrier:
+    return ForwardBarrier(bootstrap, group_id, [clicks_topic], "click", progress)
 
 
 def order_barrier(
-    bootstrap: str, group_id: str, orders_topic: str, visitor_events_topic: str
+    bootstrap: str, group_id: str, orders_topic: str, visitor_events_topic: str,
+    progress: Progress,
 ) -> ForwardBarrier:
-    return ForwardBarrier(bootstrap, group_id, [orders_topic, visitor_events_topic], "order")
+    return ForwardBarrier(bootstrap, group_id, [orders_topic, visitor_events_topic], "order",
+                          progress)
