@@ -41,7 +41,9 @@ class Isolated:
 
     def worker(self, name: str = "w1", **extra_env: str) -> "WorkerProcess":
         env = dict(self.env, **extra_env)
-        env.setdefault("ATTRIBUTION_STATE_DIR", str(Path(self.env["ATTRIBUTION_STATE_DIR"]) / name))
+        # Each worker its own RocksDB directory (two workers cannot open one), unless given.
+        if "ATTRIBUTION_STATE_DIR" not in extra_env:
+            env["ATTRIBUTION_STATE_DIR"] = str(Path(self.env["ATTRIBUTION_STATE_DIR"]) / name)
         process = WorkerProcess(env, Path(self.env["ATTRIBUTION_STATE_DIR"]) / f"{name}.log")
         self.workers.append(process)
         return process

@@ -29,18 +29,8 @@ SNAPSHOT_QUERIES = {
 }
 
 
-#: These tests compare two independent runs row for row. Code velocity depends on the order in
-#: which a code's orders reach the code stage (README, "Code velocity in a stream"), and that order
-#: differs between two runs of the same input (the join interleaves partitions as they are
-#: fetched), so the generator's planted burst (40 customers in 30 min) must stay under the limit
-#: here; every other flag is a function of the order and its visitor alone.
-NO_VELOCITY_LIMIT = {"max_customers": 10_000, "window_minutes": 60}
-
-
 def traffic(visitors: int) -> tuple[dict, list[bytes]]:
     reference = sample_reference(n_affiliates=20)
-    for program in reference["programs"]:
-        program["velocity"] = NO_VELOCITY_LIMIT
     events = [orjson.dumps(e) for e in generate(reference, TrafficProfile(visitors=visitors, seed=11))]
     return reference, events
 
