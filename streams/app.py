@@ -156,7 +156,9 @@ def create_app(config: Config) -> faust.App:
         LookAhead(config.kafka_bootstrap, config.topic(CODE_EVENTS_TOPIC)),
     )
     ledger_stage = LedgerStage(
-        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), abuse_flags, flush_in_thread
+        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), abuse_flags, flush_in_thread,
+        assigned=lambda: {tp.partition for tp in app.consumer.assignment()
+                          if tp.topic == config.topic(LEDGER_EVENTS_TOPIC)},
     )
     shares_sink = sink()
 

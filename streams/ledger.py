@@ -103,6 +103,8 @@ class LedgerStage:
     sink: RowSink
     abuse_flags: TopicT | None = None
     _flush: Callable[[RowSink], Any] = field(default=lambda sink: sink.flush())
+    #: The partitions of the stage's topic this worker owns now (None: do not track).
+    assigned: Callable[[], set[int]] | None = None
     _flag_messages: list[tuple[bytes, bytes]] = field(default_factory=list)
     watermark: datetime = datetime.min.replace(tzinfo=timezone.utc)
     _due: list[tuple[datetime, str, int]] = field(default_factory=list)  # (lock_end, order, partition)
@@ -110,6 +112,10 @@ class LedgerStage:
 
     async def process(self, events: Sequence[EventT]) -> None:
         entries: dict[str, Entry] = {}
+        if self.assigned is not None:
+            # A partition that left this worker may come back with orders another worker
+            # recorded meanwhile: index it again then.
+            self._indexed_partitions &= self.assigned()
         self._index_new_partitions({e.message.partition for e in events})
 
         def entry_of(order_id: str, partition: int) -> Entry:
