@@ -11,7 +11,7 @@ import io
 import sys
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 import typer
@@ -190,6 +190,28 @@ def _emit(rows: list[dict[str, object]], fmt: str, print_table: Callable[[list[d
         print_table(rows)
 
 
+def _query_and_emit(
+    rows: Callable[[Any, str, date, date], list[dict[str, object]]],
+    since: Optional[str], until: Optional[str], fmt: str,
+    print_table: Callable[[list[dict[str, object]]], None],
+) -> None:
+    """Validate the options, read `rows` from ClickHouse for the period, print them as asked."""
+    from sinks.clickhouse import connect
+
+    if fmt not in ("table", "csv", "json"):
+        raise fail("--format must be table, csv or json", 2)
+    first, last = _period(since, until)
+    config = load_config()
+    client = connect(config.clickhouse)
+    try:
+        found = rows(client, config.clickhouse.database, first, last)
+    except Exception as exc:
+        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
+    finally:
+        client.disconnect()
+    _emit(found, fmt, print_table)
+
+
 SINCE = typer.Option(None, help="First day (YYYY-MM-DD, UTC). Default: all.")
 UNTIL = typer.Option(None, help="Last day, inclusive. Default: all.")
 FORMAT = typer.Option("table", "--format", help="table | csv | json")
@@ -202,21 +224,12 @@ def report(
     fmt: str = FORMAT,
 ) -> None:
     """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission."""
-    from sinks.clickhouse import connect
     from sinks.report import build_report
 
-    if fmt not in ("table", "csv", "json"):
-        raise fail("--format must be table, csv or json", 2)
-    first, last = _period(since, until)
-    config = load_config()
-    client = connect(config.clickhouse)
-    try:
-        result = build_report(client, config.clickhouse.database, first, last)
-    except Exception as exc:
-        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
-    finally:
-        client.disconnect()
-    _emit([r.as_dict() for r in result.rows], fmt, print_report_table)
+    def rows(client: Any, database: str, first: date, last: date) -> list[dict[str, object]]:
+        return [r.as_dict() for r in build_report(client, database, first, last).rows]
+
+    _query_and_emit(rows, since, until, fmt, print_report_table)
 
 
 @app.command("codes")
@@ -233,21 +246,13 @@ def codes(
     for code velocity. Score = coupon-site orders + velocity-flagged orders + 0.1 x orders
     without a click of the code's owner.
     """
-    from sinks.clickhouse import connect
     from sinks.code_report import code_evidence
 
-    if fmt not in ("table", "csv", "json"):
-        raise fail("--format must be table, csv or json", 2)
-    first, last = _period(since, until)
-    config = load_config()
-    client = connect(config.clickhouse)
-    try:
-        found = code_evidence(client, config.clickhouse.database, first, last, only_leaked=not show_all)
-    except Exception as exc:
-        raise fail(f"cannot read {config.clickhouse!r}: {exc}") from exc
-    finally:
-        client.disconnect()
-    _emit([e.as_dict() for e in found[:limit]], fmt, print_codes_table)
+    def rows(client: Any, database: str, first: date, last: date) -> list[dict[str, object]]:
+        found = code_evidence(client, database, first, last, only_leaked=not show_all)
+        return [e.as_dict() for e in found[:limit]]
+
+    _query_and_emit(rows, since, until, fmt, print_codes_table)
 
 
 def print_codes_table(rows: list[dict[str, object]]) -> None:

@@ -425,22 +425,31 @@ _DECODERS: dict[str, Callable[[Mapping[str, object], str, datetime], Event]] = {
 }
 
 
-def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
-    """The event in `raw`, or `InvalidEvent` saying why not.
-
-    `expected_type` is the type the source topic carries; an event of another type was published
-    to the wrong topic and is rejected (`type_mismatch`) rather than processed out of its stream.
-    """
+def _json_object(raw: bytes, noun: str) -> dict[str, Any]:
+    """`raw` parsed as one JSON object of at most MAX_EVENT_BYTES, or `InvalidEvent`."""
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent(
-            "too_large", f"event is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}"
+            "too_large", f"{noun} is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}"
         )
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent("not_json", f"not valid UTF-8 JSON: {exc}") from None
     if type(obj) is not dict:
-        raise InvalidEvent("not_object", f"an event must be a JSON object, got {_json_type(obj)}")
+        article = "an" if noun[0] in "aeiou" else "a"
+        raise InvalidEvent(
+            "not_object", f"{article} {noun} must be a JSON object, got {_json_type(obj)}"
+        )
+    return obj
+
+
+def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
+    """The event in `raw`, or `InvalidEvent` saying why not.
+
+    `expected_type` is the type the source topic carries; an event of another type was published
+    to the wrong topic and is rejected (`type_mismatch`) rather than processed out of its stream.
+    """
+    obj = _json_object(raw, "event")
     event_type = obj.get("type")
     if type(event_type) is not str:
         if event_type is None:
@@ -462,14 +471,7 @@ def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
 
 def decode_review(raw: bytes) -> Review:
     """A reviewer's decision on a held order (the `reviews` topic), or `InvalidEvent`."""
-    if len(raw) > MAX_EVENT_BYTES:
-        raise InvalidEvent("too_large", f"review is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidEvent("not_json", f"not valid UTF-8 JSON: {exc}") from None
-    if type(obj) is not dict:
-        raise InvalidEvent("not_object", f"a review must be a JSON object, got {_json_type(obj)}")
+    obj = _json_object(raw, "review")
     if obj.get("type") != "review":
         raise InvalidEvent("type_mismatch", f"expected type 'review', got {_brief(obj.get('type'))}")
     decision = _required_str(obj, "decision")
