@@ -57,9 +57,10 @@ MAX_POLL_RECORDS = 500
 STREAM_BUFFER_MAXSIZE = 10 * MAX_POLL_RECORDS
 #: Pending table (changelog) writes before Faust holds back fetched records (see create_app).
 PRODUCER_BUFFER_MESSAGES = 10_000
-#: Commit offsets every 0.25 s: orders wait for click commits, and coded orders for order commits
-#: (see barrier.py), so this bounds the extra order latency; Faust's default 2.8 s would eat the
-#: whole 2 s latency budget. A commit is one small request per worker.
+#: Commit offsets every 0.25 s: the barriers count the group's commits for partitions other
+#: workers own (this worker's own forwards count at once, see barrier.py), so this bounds the
+#: extra order latency with several workers; Faust's default 2.8 s would eat the whole 2 s
+#: latency budget. A commit is one small request per worker.
 COMMIT_INTERVAL_SECONDS = 0.25
 
 
@@ -136,6 +137,9 @@ def create_app(config: Config) -> faust.App:
         key_type=bytes, value_type=bytes,
     )
 
+    visitor_events_name = config.topic(VISITOR_EVENTS_TOPIC)
+    code_events_name = config.topic(CODE_EVENTS_TOPIC)
+    ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     reference = ReferenceReader(config)
     progress = Progress()
     barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
@@ -145,20 +149,20 @@ def create_app(config: Config) -> faust.App:
 
     forwarder = Forwarder(app)
     join_stage = JoinStage(
-        config.topic(VISITOR_EVENTS_TOPIC), touches, forwarder, config.topic(LEDGER_EVENTS_TOPIC),
-        config.topic(CODE_EVENTS_TOPIC), sink(), lambda: reference.snapshot, flush_in_thread,
+        visitor_events_name, touches, forwarder, ledger_events_name, code_events_name, sink(),
+        lambda: reference.snapshot, flush_in_thread,
     )
     code_stage = CodeStage(
-        config.topic(CODE_EVENTS_TOPIC), code_redemptions, forwarder,
-        config.topic(LEDGER_EVENTS_TOPIC), lambda: reference.snapshot,
+        code_events_name, code_redemptions, forwarder, ledger_events_name,
+        lambda: reference.snapshot,
         order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
-                      config.topic(VISITOR_EVENTS_TOPIC), progress),
-        LookAhead(config.kafka_bootstrap, config.topic(CODE_EVENTS_TOPIC)),
+                      visitor_events_name, progress),
+        LookAhead(config.kafka_bootstrap, code_events_name),
     )
     ledger_stage = LedgerStage(
-        config.topic(LEDGER_EVENTS_TOPIC), order_ledgers, sink(), abuse_flags, flush_in_thread,
+        ledger_events_name, order_ledgers, sink(), abuse_flags, flush_in_thread,
         assigned=lambda: {tp.partition for tp in app.consumer.assignment()
-                          if tp.topic == config.topic(LEDGER_EVENTS_TOPIC)},
+                          if tp.topic == ledger_events_name},
     )
     shares_sink = sink()
 
@@ -182,8 +186,6 @@ def create_app(config: Config) -> faust.App:
         agent.__name__ = agent.__qualname__ = name.replace("-", "_")
         return agent
 
-    visitor_events_name = config.topic(VISITOR_EVENTS_TOPIC)
-    ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     click_validator = Validator("clicks", "click", dead_letters)
     share_validator = Validator("shares", "share", dead_letters)
     order_validator = Validator("orders", "order", dead_letters)
