@@ -13,7 +13,8 @@ from tests_support import REFERENCE_FILE_TEXT
 pytestmark = pytest.mark.integration
 
 COMMANDS = [[], ["stack"], ["db"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
-            ["db", "migrate"], ["load-reference"], ["produce"], ["worker"], ["report"], ["demo"]]
+            ["db", "migrate"], ["load-reference"], ["produce"], ["worker"], ["report"], ["demo"],
+            ["codes"], ["review"]]
 
 
 def attribution(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,3 +75,16 @@ def test_a_bad_reference_file_is_rejected_with_the_path_of_the_problem(isolated,
     result = attribution(isolated.env, "load-reference", str(bad))
     assert result.returncode == 2
     assert "programs[0].commission" in result.stderr.replace("\n", "")
+
+
+def test_demo_runs_end_to_end_and_codes_names_the_planted_leak_first(isolated):
+    """`attribution demo` on a small day; then `attribution codes` on its data (issue 4)."""
+    demo = attribution(isolated.env, "demo", "--visitors", "3000", "--timeout", "240")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "Affiliates by channel" in demo.stdout
+    codes = attribution(isolated.env, "codes", "--format", "json")
+    assert codes.returncode == 0, codes.stderr
+    leaked = orjson.loads(codes.stdout)
+    # The generator leaks aff-002's code to a coupon site: 40 strangers in 30 minutes.
+    assert leaked[0]["discount_code"] == "AFF002SAVE" and leaked[0]["affiliate_id"] == "aff-002"
+    assert int(leaked[0]["velocity_flagged"]) > 0 and leaked[0]["coupon_sites"] == "retailmenot.com"
