@@ -152,12 +152,12 @@ def create_app(config: Config) -> faust.App:
         visitor_events_name, touches, forwarder, ledger_events_name, code_events_name, sink(),
         lambda: reference.snapshot, flush_in_thread,
     )
+    code_barrier = order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
+                                 visitor_events_name, progress)
+    look_ahead = LookAhead(config.kafka_bootstrap, code_events_name)
     code_stage = CodeStage(
         code_events_name, code_redemptions, forwarder, ledger_events_name,
-        lambda: reference.snapshot,
-        order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
-                      visitor_events_name, progress),
-        LookAhead(config.kafka_bootstrap, code_events_name),
+        lambda: reference.snapshot, code_barrier, look_ahead,
     )
     ledger_stage = LedgerStage(
         ledger_events_name, order_ledgers, sink(), abuse_flags, flush_in_thread,
@@ -232,6 +232,15 @@ def create_app(config: Config) -> faust.App:
             raise
         except BaseException as exc:  # noqa: BLE001
             fatal(exc)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def close_side_clients(app: Any, **kwargs: Any) -> None:
+        """The barriers' and the read-ahead's own Kafka clients (aiokafka logs unclosed ones)."""
+        for client in (barrier, code_barrier, look_ahead):
+            try:
+                await client.stop()
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                log.debug("closing %r failed: %r", client, exc)
 
     @app.task
     async def watch_fetched_partitions() -> None:
