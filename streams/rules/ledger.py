@@ -15,7 +15,14 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from schemas.events import Order, Refund, Review
-from schemas.facts import AbuseFlag, Attribution, CommissionFact, OrderLedger
+from schemas.facts import (
+    AbuseFlag,
+    Attribution,
+    CommissionFact,
+    FactKind,
+    FactStatus,
+    OrderLedger,
+)
 from schemas.reference import Program
 
 from .abuse import status_for
@@ -66,6 +73,18 @@ def open_ledger(
     return ledger, accrual
 
 
+def _fact(
+    ledger: OrderLedger, id_suffix: str, kind: FactKind, amount: Decimal, status: FactStatus,
+    ts: datetime,
+) -> CommissionFact:
+    """A later fact of `ledger`'s order; its id is `<order_id>:<id_suffix>` (deterministic)."""
+    return CommissionFact(
+        fact_id=f"{ledger.order_id}:{id_suffix}", order_id=ledger.order_id,
+        affiliate_id=ledger.affiliate_id, program_id=ledger.program_id, kind=kind, amount=amount,
+        currency=ledger.currency, status=status, ts=ts,
+    )
+
+
 def apply_refund(ledger: OrderLedger, refund: Refund) -> tuple[OrderLedger, CommissionFact | None]:
     """Reverse the refunded share of the commission: -(commission x refund / total), rounded.
 
@@ -81,18 +100,12 @@ def apply_refund(ledger: OrderLedger, refund: Refund) -> tuple[OrderLedger, Comm
     reversal = min(round_cents(ledger.commission * refund.amount / ledger.total), remaining)
     if reversal <= 0:
         return ledger, None
-    fact = CommissionFact(
-        fact_id=f"{ledger.order_id}:reversal:{refund.event_id}",
-        order_id=ledger.order_id,
-        affiliate_id=ledger.affiliate_id,
-        program_id=ledger.program_id,
-        kind="reversal",
-        amount=-reversal,
-        currency=ledger.currency,
+    fact = _fact(
+        ledger, f"reversal:{refund.event_id}", "reversal", -reversal,
         # A refund at exactly lock_end comes after the approval (approve_if_due: watermark >=
         # lock_end), so it claws back.
-        status="reversed" if refund.ts < ledger.lock_end else "clawback",
-        ts=refund.ts,
+        "reversed" if refund.ts < ledger.lock_end else "clawback",
+        refund.ts,
     )
     return replace(ledger, reversed_total=ledger.reversed_total + reversal), fact
 
@@ -108,17 +121,7 @@ def approve_if_due(
     """
     if ledger.approved or ledger.status != "pending" or watermark < ledger.lock_end:
         return ledger, None
-    fact = CommissionFact(
-        fact_id=f"{ledger.order_id}:approval",
-        order_id=ledger.order_id,
-        affiliate_id=ledger.affiliate_id,
-        program_id=ledger.program_id,
-        kind="approval",
-        amount=ZERO,
-        currency=ledger.currency,
-        status="approved",
-        ts=ledger.lock_end,
-    )
+    fact = _fact(ledger, "approval", "approval", ZERO, "approved", ledger.lock_end)
     return replace(ledger, approved=True), fact
 
 
@@ -139,15 +142,5 @@ def apply_review(
     if review.decision == "release":
         return replace(ledger, status="pending"), None, "released"
     net = ledger.net_commission
-    fact = CommissionFact(
-        fact_id=f"{ledger.order_id}:review:{review.event_id}",
-        order_id=ledger.order_id,
-        affiliate_id=ledger.affiliate_id,
-        program_id=ledger.program_id,
-        kind="reversal",
-        amount=-net,
-        currency=ledger.currency,
-        status="rejected",
-        ts=review.ts,
-    )
+    fact = _fact(ledger, f"review:{review.event_id}", "reversal", -net, "rejected", review.ts)
     return replace(ledger, status="rejected", reversed_total=ledger.reversed_total + net), fact, "rejected"
