@@ -61,7 +61,7 @@ async def watch_partitions(app: Any, interval: float = INTERVAL_SECONDS) -> None
     while True:
         await asyncio.sleep(interval)
         try:
-            if app.in_recovery or app.rebalancing:
+            if app.in_recovery or app.rebalancing or app.should_stop:  # Faust pauses all then
                 suspects = {}
                 continue
             found = stalled_partitions(app)
