@@ -24,7 +24,6 @@ forward, which Faust flushes before it commits; the ledger keeps the first decis
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +43,9 @@ from .context import in_partition
 from .forwarding import Forwarder, Record
 from .rules.abuse import MAX_REDEMPTIONS_PER_CODE, velocity_flag, velocity_horizon, with_flags
 
-log = logging.getLogger(__name__)
-
-#: Uses are kept this long beyond the longest velocity window (measured from a code's newest
-#: use), so that an order arriving up to this late still sees the uses around its own ts.
+#: Uses are kept this long beyond the longest velocity window (measured back from the oldest
+#: order already read ahead, else the code's newest use), so that an order arriving up to this
+#: late still sees the uses around its own ts.
 LATE_ORDER_ALLOWANCE = timedelta(hours=6)
 
 #: A stored use: [order ts (epoch seconds), customer_id].
@@ -191,10 +189,14 @@ class CodeStage:
 
         for _, decided, state in batch:
             state.add(decided.ts, decided.customer_id)
+        # Every known use per code, built once per batch, not once per order of a busy code.
+        every_use = {
+            code: CodeRedemptions(code, tuple(sorted(state.known() | ahead.get(code, set()))))
+            for code, state in codes.items()
+        }
         decisions = []
         for message, decided, state in batch:
-            every_use = state.known() | ahead.get(state.code, set())
-            flag = velocity_flag(decided, CodeRedemptions(state.code, tuple(sorted(every_use))), ref)
+            flag = velocity_flag(decided, every_use[state.code], ref)
             if flag is not None:
                 decided = with_flags(decided, [flag])
             decisions.append(Record(decided.order_id.encode(), decided.to_json(), message.timestamp))
