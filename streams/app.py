@@ -35,7 +35,7 @@ from .barrier import Progress, click_barrier, order_barrier
 from .codes import CodeStage, LookAhead
 from .forwarding import Forwarder
 from .lag import run_lag_reporter
-from .watchdog import guard_offset_gaps, watch_partitions
+from .watchdog import watch_partitions
 from .ingest import Validator, forward
 from .join import JoinStage
 from .ledger import LedgerStage
@@ -119,7 +119,6 @@ def create_app(config: Config) -> faust.App:
     # writing a few thousand visitors' touches froze every stage until they were sent. Let the
     # buffer hold a couple of batches; Faust still flushes it before every commit.
     app.producer.buffer.max_messages = max(PRODUCER_BUFFER_MESSAGES, 2 * config.batch_size)
-    guard_offset_gaps(app, fatal)
 
     def raw_topic(name: str) -> Any:
         return app.topic(

@@ -77,34 +77,3 @@ async def watch_partitions(app: Any, interval: float = INTERVAL_SECONDS) -> None
             log.warning("partition watchdog stopped: %r", exc)
             return
 
-
-def guard_offset_gaps(app: Any, fatal: Any) -> None:
-    """Stop the worker rather than let Faust commit past records it never delivered.
-
-    When the next record Faust fetches for a partition is not the one after the last it handed
-    out, Faust records the missing offsets as a "gap" and later commits past them as if they had
-    been processed: right for compacted or transactional topics, where offsets really are missing,
-    but our stream topics have none. We saw it after partitions moved between two workers: a
-    stretch of `visitor-events` was committed, never processed, and its clicks were lost for good.
-    So a gap on a stream topic is fatal (status 70, offsets not committed: a restart reads the
-    records again) unless retention has already deleted them, which is logged as an error.
-    """
-    consumer = app.consumer
-    record_gap = consumer._add_gap  # noqa: SLF001 - faust-streaming 0.15 Consumer._add_gap
-
-    async def refuse_gap(tp: Any, offset_from: int, offset_to: int) -> None:
-        never_delivered = (offset_from, offset_to - 1)  # offset_to is the record just fetched
-        if never_delivered[0] <= never_delivered[1]:
-            earliest = (await consumer.earliest_offsets(tp)).get(tp, 0)
-            if never_delivered[1] >= earliest:
-                fatal(RuntimeError(
-                    f"{tp.topic}/{tp.partition}: offsets {never_delivered[0]}..{never_delivered[1]}"
-                    " were fetched past but never delivered; committing past them would lose"
-                    " them (faust-streaming gap handling), so the worker stops without committing"
-                ))
-                return
-            log.error("%s/%s: offsets %s..%s were deleted by retention before they were read",
-                      tp.topic, tp.partition, *never_delivered)
-        await record_gap(tp, offset_from, offset_to)
-
-    consumer._add_gap = refuse_gap  # noqa: SLF001

@@ -77,9 +77,9 @@ def difference(expected: dict[str, list], actual: dict[str, list], examples: int
 @pytest.mark.xfail(
     strict=False,
     reason="known defect, issue 5: when partitions move between two live workers, rows can go"
-    " missing or a partition stops advancing (faust-streaming offset/gap handling on rebalance;"
-    " the gap guard now stops a worker instead of committing past undelivered records, not every"
-    " case is caught). Passed in about half of the runs; README 'Scaling out' says run one worker.",
+    " missing or a partition stops advancing (faust-streaming offset/gap handling on rebalance,"
+    " not understood yet). Passed in about half of the runs; README 'Scaling out' says run one"
+    " worker.",
 )
 def test_two_workers_in_one_group_give_the_same_rows_as_one(isolated_factory):
     reference, events = traffic(visitors=3000)
