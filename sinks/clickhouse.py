@@ -96,6 +96,12 @@ class RowSink:
             raise SinkBackpressure(f"{self.pending_rows()} rows pending; flush first")
         self._pending.setdefault(table, []).append(row)
 
+    def discard(self) -> int:
+        """Forget every pending row (a batch dropped before its flush); returns how many."""
+        dropped = self.pending_rows()
+        self._pending.clear()
+        return dropped
+
     def pending_rows(self) -> int:
         return sum(len(rows) for rows in self._pending.values())
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Awaitable, Callable
 
 import faust
@@ -31,10 +32,12 @@ from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
-from .barrier import Progress, click_barrier, order_barrier
+from .barrier import click_barrier, order_barrier
 from .codes import CodeStage, LookAhead
 from .forwarding import Forwarder
+from .kafka_meta import GroupOffsets
 from .lag import run_lag_reporter
+from .offsets import OffsetLedger, Rebalanced, check_fence, install
 from .watchdog import watch_partitions
 from .ingest import Validator, forward
 from .join import JoinStage
@@ -83,6 +86,7 @@ def fatal(exc: BaseException) -> None:
 
 async def flush_in_thread(sink: RowSink) -> None:
     """ClickHouse I/O is blocking: keep it off the event loop so Kafka heartbeats go on."""
+    check_fence()
     await asyncio.to_thread(sink.flush)
 
 
@@ -151,7 +155,8 @@ def create_app(config: Config) -> faust.App:
     code_events_name = config.topic(CODE_EVENTS_TOPIC)
     ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     reference = ReferenceReader(config)
-    progress = Progress()
+    group_offsets = GroupOffsets(config.kafka_bootstrap, config.app_id)
+    progress = OffsetLedger(group_offsets, rebalancing=lambda: bool(app.rebalancing))
     barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
 
     def sink() -> RowSink:
@@ -179,15 +184,31 @@ def create_app(config: Config) -> faust.App:
     def batches(stream: Any) -> Any:
         return stream.take_events(config.batch_size, within=config.batch_seconds)
 
-    def guarded(name: str, body: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        """Run `body` for every batch; any exception is fatal (see the module docstring)."""
+    def guarded(
+        name: str, body: Callable[[Any], Awaitable[None]], sinks: Sequence[RowSink] = (),
+    ) -> Callable[[Any], Awaitable[None]]:
+        """Run `body` for every batch, on the events the commit ledger admits, and mark it done
+        after; a batch fenced by a rebalance is dropped with its pending rows; any other
+        exception is fatal (see the module docstring)."""
 
         async def agent(stream: Any) -> None:
             await reference.ready.wait()
             try:
                 async for events in batches(stream):
-                    await body(events)
-                    progress.mark(events)  # forwards acknowledged: the barriers may count them
+                    fence = progress.fence()
+                    token = progress.enter(fence)
+                    try:
+                        admitted = await progress.admit(events, app.consumer.seek, fence)
+                        if admitted:
+                            await body(admitted)
+                        progress.done(admitted, fence)  # only now may its offsets be committed
+                    except Rebalanced:
+                        dropped = sum(sink.discard() for sink in sinks)
+                        log.info("%s: batch of %d events dropped (%d rows not written): a rebalance"
+                                 " started; the partitions' owners read it again", name, len(events),
+                                 dropped)
+                    finally:
+                        progress.leave(token)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - must not be acked past
@@ -226,13 +247,22 @@ def create_app(config: Config) -> faust.App:
         await forward(forwarder, ledger_events_name, await review_validator.split(events), "order_id")
 
     app.agent(clicks, name="ingest-clicks")(guarded("ingest-clicks", ingest_clicks))
-    app.agent(shares, name="ingest-shares")(guarded("ingest-shares", ingest_shares))
+    app.agent(shares, name="ingest-shares")(guarded("ingest-shares", ingest_shares, [shares_sink]))
     app.agent(orders, name="ingest-orders")(guarded("ingest-orders", ingest_orders))
     app.agent(refunds, name="ingest-refunds")(guarded("ingest-refunds", ingest_refunds))
     app.agent(reviews, name="ingest-reviews")(guarded("ingest-reviews", ingest_reviews))
-    app.agent(visitor_events, name="join")(guarded("join", join_stage.process))
+    app.agent(visitor_events, name="join")(guarded("join", join_stage.process, [join_stage.sink]))
     app.agent(code_events, name="codes")(guarded("codes", code_stage.process))
-    app.agent(ledger_events, name="ledger")(guarded("ledger", ledger_stage.process))
+    app.agent(ledger_events, name="ledger")(guarded("ledger", ledger_stage.process, [ledger_stage.sink]))
+
+    stream_topics = {t.get_topic_name() for t in (
+        clicks, shares, orders, refunds, reviews, visitor_events, code_events, ledger_events)}
+    install(app.consumer, progress, stream_topics)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        """After Faust committed what was done: batches from before this are fenced."""
+        progress.revoked(revoked)
 
     @app.task
     async def read_reference() -> None:
@@ -246,7 +276,7 @@ def create_app(config: Config) -> faust.App:
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def close_side_clients(app: Any, **kwargs: Any) -> None:
         """The barriers' and the read-ahead's own Kafka clients (aiokafka logs unclosed ones)."""
-        for client in (barrier, code_barrier, look_ahead):
+        for client in (barrier, code_barrier, look_ahead, group_offsets):
             try:
                 await client.stop()
             except Exception as exc:  # noqa: BLE001 - shutting down anyway

@@ -4,7 +4,7 @@ A stage of this worker forwards what it reads (clicks to `visitor-events`, order
 `visitor-events` and on to `code-events`). A record counts as forwarded once its offset is below
 either the consumer group's *committed* offset (Faust flushes the producer before it commits;
 committed offsets are the group's, so this covers partitions other workers own) or this worker's
-own `Progress` (a stage marks a batch after its forwards were acknowledged by the broker, which is
+own `Progress` (a stage marks a batch done once its forwards were acknowledged by the broker, which is
 a commit interval sooner). A barrier waits until every partition of a topic is forwarded up to
 the end offset read at some moment: then every record published before that moment has been.
 
@@ -23,12 +23,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from .kafka_meta import partitions_of
+from .offsets import check_fence
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,16 @@ POLL_SECONDS = 0.05
 SLOW_WAIT_SECONDS = 30.0
 
 
-class Progress:
-    """The next offset to process, per (topic, partition), of what this worker's stages finished."""
+class Progress(Protocol):
+    """This worker's own progress: its stages are done below `next_offset(tp)`
+    (`streams.offsets.OffsetLedger`: a batch counts once its effects are all made)."""
 
-    def __init__(self) -> None:
-        self._next: dict[tuple[str, int], int] = {}
+    def next_offset(self, tp: Any) -> int: ...
 
-    def mark(self, events: Sequence[Any]) -> None:
-        """Record a batch as done: call only once its forwards are acknowledged."""
-        done = self._next
-        for event in events:
-            message = event.message
-            key = (message.topic, message.partition)
-            if message.offset + 1 > done.get(key, 0):
-                done[key] = message.offset + 1
 
-    def next_offset(self, tp: TopicPartition) -> int:
-        return self._next.get((tp.topic, tp.partition), 0)
+class _Nothing:
+    def next_offset(self, tp: Any) -> int:
+        return 0
 
 
 class ForwardBarrier:
@@ -68,7 +62,7 @@ class ForwardBarrier:
         self.group_id = group_id
         self.chain = tuple(chain)
         self.name = name
-        self.progress = progress or Progress()
+        self.progress: Progress = progress or _Nothing()
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._partitions: dict[str, list[TopicPartition]] = {}
@@ -106,6 +100,7 @@ class ForwardBarrier:
         targets = {tp: end for tp, end in targets.items() if end > 0}
         warned = False
         while targets:
+            check_fence()  # a rebalance stops the stages this waits for: drop the batch instead
             for tp in [tp for tp, end in targets.items() if self.progress.next_offset(tp) >= end]:
                 del targets[tp]
             if not targets:

@@ -40,6 +40,7 @@ from schemas.reference import ReferenceData, normalise_code
 
 from .barrier import ForwardBarrier
 from .context import in_partition
+from .offsets import check_fence
 from .forwarding import Forwarder, Record
 from .rules.abuse import MAX_REDEMPTIONS_PER_CODE, velocity_flag, velocity_horizon, with_flags
 
@@ -202,6 +203,7 @@ class CodeStage:
             decisions.append(Record(decided.order_id.encode(), decided.to_json(), message.timestamp))
         await self.forwarder.send(self.ledger_events, decisions)
 
+        check_fence()  # a rebalance since the batch began: another worker may own these keys now
         for code, state in codes.items():
             # Keep what an order still to come may count: orders published after this batch have
             # later ts (late ones get LATE_ORDER_ALLOWANCE), those already read ahead may be older.

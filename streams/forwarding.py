@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 from aiokafka.partitioner import murmur2
 
+from .offsets import check_fence
+
 
 class Record(NamedTuple):
     key: bytes
@@ -43,6 +45,7 @@ class Forwarder:
         """Publish `records` to `topic`; returns when all are acknowledged, raises if any failed."""
         if not records:
             return
+        check_fence()
         producer = self.app.producer._ensure_producer()  # noqa: SLF001 - faust's aiokafka producer
         count = self._partitions.get(topic)
         if count is None:

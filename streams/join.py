@@ -29,6 +29,7 @@ from sinks.metrics import METRICS
 from sinks.rows import click_row
 
 from .context import in_partition
+from .offsets import check_fence
 from .forwarding import Forwarder, Record
 from .rules.abuse import coupon_site_seen, flags_for_order
 from .rules.attribution import attribute, latest_touch, remember_touch, touch_from_click, touch_horizon
@@ -151,6 +152,7 @@ class JoinStage:
             await self.forwarder.send(topic, records)
         await self._flush(self.sink)
         _observe_latency("clicks", latency_from)
+        check_fence()  # a rebalance since the batch began: another worker may own these keys now
         # Only now, with the rows safe, does the table learn the clicks.
         for key, state in visitors.items():
             if state.dirty:

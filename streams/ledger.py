@@ -40,6 +40,7 @@ from sinks.metrics import METRICS
 from sinks.rows import fact_row, flag_message, flag_rows, order_row, review_row
 
 from .context import in_partition
+from .offsets import check_fence
 from .rules.ledger import apply_refund, apply_review, approve_if_due
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,14 @@ class LedgerStage:
 
         self._approve_due(entry_of)
         await self._flush(self.sink)
+        check_fence()
         if self.abuse_flags is not None:
             for key, value in self._flag_messages:
                 await self.abuse_flags.send(
                     key=key, value=value, key_serializer="raw", value_serializer="raw"
                 )
         self._flag_messages.clear()
+        check_fence()
         for order_id, entry in entries.items():
             if entry.dirty:
                 with in_partition(self.topic_name, entry.partition):
