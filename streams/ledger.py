@@ -113,6 +113,7 @@ class LedgerStage:
 
     async def process(self, events: Sequence[EventT]) -> None:
         entries: dict[str, Entry] = {}
+        self._flag_messages.clear()  # left over only by a batch a rebalance dropped
         if self.assigned is not None:
             # A partition that left this worker may come back with orders another worker
             # recorded meanwhile: index it again then.
