@@ -37,7 +37,7 @@ from .codes import CodeStage, LookAhead
 from .forwarding import Forwarder
 from .kafka_meta import GroupOffsets
 from .lag import run_lag_reporter
-from .offsets import OffsetLedger, Rebalanced, check_fence, install
+from .offsets import RESEEK_SECONDS, OffsetLedger, Rebalanced, check_fence, install
 from .watchdog import watch_partitions
 from .ingest import Validator, forward
 from .join import JoinStage
@@ -156,7 +156,7 @@ def create_app(config: Config) -> faust.App:
     ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     reference = ReferenceReader(config)
     group_offsets = GroupOffsets(config.kafka_bootstrap, config.app_id)
-    progress = OffsetLedger(group_offsets, rebalancing=lambda: bool(app.rebalancing))
+    progress = OffsetLedger(group_offsets, interrupted=lambda: bool(app.rebalancing or app.should_stop))
     barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
 
     def sink() -> RowSink:
@@ -263,6 +263,11 @@ def create_app(config: Config) -> faust.App:
     async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
         """After Faust committed what was done: batches from before this are fenced."""
         progress.revoked(revoked)
+
+    @app.timer(interval=RESEEK_SECONDS)
+    async def reseek_stalled_partitions() -> None:
+        if not (app.rebalancing or app.should_stop):
+            await progress.reseek_stalled(app.consumer.seek)
 
     @app.task
     async def read_reference() -> None:

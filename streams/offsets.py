@@ -23,7 +23,9 @@ partition an agent reads is ours:
   moving the commit offset; the partition's next owner (maybe this worker) reads it again.
   So no batch of a worker that lost its partitions writes stale state into a changelog another
   worker has already restored, and no barrier waits through a rebalance that stopped the very
-  stages it waits for.
+  stages it waits for. A worker shutting down fences its batches the same way (Faust waits for
+  in-flight batches after it stopped fetching: a batch at a barrier would hold the stop until
+  the process is killed, and the group would wait a session timeout for it).
 
 This module must never let an offset be committed that a stage has not marked done.
 """
@@ -39,12 +41,16 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 #: After sending the consumer back to a partition's next offset, records of that partition that
-#: were fetched before the seek still arrive; do not seek again for them for this long.
+#: were fetched before the seek still arrive; do not seek again for them for this long. Faust's
+#: fetch loop also lets such a late record raise its read offset again and then silently drops
+#: the re-read records below it, so a partition still not back at its next offset this long after
+#: a seek is sent back again (`reseek_stalled`, on a timer).
 RESEEK_SECONDS = 5.0
 
 
 class Rebalanced(Exception):
-    """The batch began before a rebalance: drop it, write nothing, commit nothing."""
+    """The batch began before a rebalance (or the worker is stopping): drop it, write nothing,
+    commit nothing."""
 
 
 class OffsetSource(Protocol):
@@ -69,7 +75,7 @@ class Fence:
         self.epoch = ledger.epoch
 
     def check(self) -> None:
-        if self.ledger.rebalancing() or self.ledger.epoch != self.epoch:
+        if self.ledger.interrupted() or self.ledger.epoch != self.epoch:
             raise Rebalanced("a rebalance started while the batch was in flight")
 
 
@@ -86,9 +92,11 @@ def check_fence() -> None:
 
 
 class OffsetLedger:
-    def __init__(self, source: OffsetSource, rebalancing: Any = lambda: False) -> None:
+    def __init__(self, source: OffsetSource, interrupted: Any = lambda: False) -> None:
         self.source = source
-        self.rebalancing = rebalancing  # () -> bool: the app is rebalancing right now
+        # () -> bool: the app is rebalancing or shutting down right now. Either way Faust waits
+        # for in-flight batches ("wait for streams") while the stages they wait for are stopped.
+        self.interrupted = interrupted
         self.epoch = 0  # +1 on every revocation: batches from before it are fenced
         self._next: dict[Any, int] = {}  # partition -> next offset to process
         self._committable: dict[Any, int] = {}  # partition -> offset Faust may commit
@@ -137,6 +145,7 @@ class OffsetLedger:
                             cursor[tp], offset - 1, offset)
             admitted.append(event)
             cursor[tp] = offset + 1
+            self._seeks.pop(tp, None)
         return admitted
 
     async def _seek_back(self, tp: Any, offset: int, seen: int, seek: Any) -> None:
@@ -148,6 +157,16 @@ class OffsetLedger:
                     " again from %d", tp.topic, tp.partition, seen, offset, offset)
         self._seeks[tp] = (offset, now)
         await seek(tp, offset)
+
+    async def reseek_stalled(self, seek: Any) -> None:
+        """Seek again every partition whose re-read has not begun RESEEK_SECONDS after its seek."""
+        now = time.monotonic()
+        for tp, (offset, when) in list(self._seeks.items()):
+            if now - when >= RESEEK_SECONDS and self._next.get(tp) == offset:
+                log.warning("%s/%s: still not back at offset %d %.0fs after a seek: seeking again",
+                            tp.topic, tp.partition, offset, now - when)
+                self._seeks[tp] = (offset, now)
+                await seek(tp, offset)
 
     def done(self, admitted: Iterable[Any], fence: Fence) -> None:
         """The batch's effects are all made: its offsets may be committed."""

@@ -97,6 +97,22 @@ def test_records_fetched_before_the_seek_do_not_send_the_consumer_back_again():
     assert offsets(admitted) == [0, 1]
 
 
+def test_a_partition_whose_re_read_never_began_is_sent_back_again(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("streams.offsets.time.monotonic", lambda: clock[0])
+    ledger = OffsetLedger(FakeSource({CLICKS0: 0, CLICKS1: 0}))
+    seeks = Seeks()
+    admit(ledger, [event(CLICKS0, 4), event(CLICKS1, 3)], seeks)
+    admitted, fence = admit(ledger, [event(CLICKS1, 0)], seeks)  # CLICKS1 is being re-read
+    ledger.done(admitted, fence)
+    clock[0] += 1
+    run(ledger.reseek_stalled(seeks))
+    assert seeks.calls == [(CLICKS0, 0), (CLICKS1, 0)]  # too soon for a second seek
+    clock[0] += 5
+    run(ledger.reseek_stalled(seeks))
+    assert seeks.calls[2:] == [(CLICKS0, 0)]  # CLICKS1 began its re-read: left alone
+
+
 def test_offsets_without_records_are_crossed_once_the_broker_confirms_them():
     ledger = OffsetLedger(FakeSource({CLICKS0: 10}, holes={10, 11}))
     seeks = Seeks()
@@ -118,7 +134,7 @@ def test_a_batch_that_began_before_a_rebalance_is_fenced_and_commits_nothing():
 
 def test_while_the_app_rebalances_every_effect_is_fenced():
     rebalancing = False
-    ledger = OffsetLedger(FakeSource(), rebalancing=lambda: rebalancing)
+    ledger = OffsetLedger(FakeSource(), interrupted=lambda: rebalancing)
     fence = ledger.fence()
     token = ledger.enter(fence)
     try:
