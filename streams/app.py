@@ -156,7 +156,10 @@ def create_app(config: Config) -> faust.App:
     ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     reference = ReferenceReader(config)
     group_offsets = GroupOffsets(config.kafka_bootstrap, config.app_id)
-    progress = OffsetLedger(group_offsets, interrupted=lambda: bool(app.rebalancing or app.should_stop))
+    progress = OffsetLedger(
+        group_offsets, interrupted=lambda: bool(app.rebalancing or app.should_stop),
+        owned=lambda: app.consumer.assignment(),
+    )
     barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
 
     def sink() -> RowSink:

@@ -92,8 +92,13 @@ def check_fence() -> None:
 
 
 class OffsetLedger:
-    def __init__(self, source: OffsetSource, interrupted: Any = lambda: False) -> None:
+    def __init__(
+        self, source: OffsetSource, interrupted: Any = lambda: False, owned: Any = None,
+    ) -> None:
         self.source = source
+        # () -> set of partitions: this worker's assignment now (None: every partition). A record
+        # of a partition another worker owns now is never admitted, however it got here.
+        self.owned = owned
         # () -> bool: the app is rebalancing or shutting down right now. Either way Faust waits
         # for in-flight batches ("wait for streams") while the stages they wait for are stopped.
         self.interrupted = interrupted
@@ -118,6 +123,9 @@ class OffsetLedger:
 
         `seek(tp, offset)` (async) sends the consumer back to `offset` of a partition.
         """
+        if self.owned is not None:
+            assignment = self.owned()
+            events = [e for e in events if e.message.tp in assignment]
         tps = list(dict.fromkeys(e.message.tp for e in events))
         unknown = [tp for tp in tps if tp not in self._next]
         if unknown:
@@ -166,7 +174,10 @@ class OffsetLedger:
                 log.warning("%s/%s: still not back at offset %d %.0fs after a seek: seeking again",
                             tp.topic, tp.partition, offset, now - when)
                 self._seeks[tp] = (offset, now)
-                await seek(tp, offset)
+                try:
+                    await seek(tp, offset)
+                except Exception as exc:  # noqa: BLE001 - e.g. no longer assigned: the next owner reads it
+                    log.warning("%s/%s: seek to %d failed: %r", tp.topic, tp.partition, offset, exc)
 
     def done(self, admitted: Iterable[Any], fence: Fence) -> None:
         """The batch's effects are all made: its offsets may be committed."""

@@ -102,8 +102,8 @@ def test_compose_and_k8s_settings_are_accepted_by_the_worker_config() -> None:
     default = re.compile(r"\$\{\w+:-([^}]*)\}")  # compose's ${VAR:-default}
     compose_env = {k: default.sub(r"\1", str(v)) for k, v in compose["x-attribution"]["environment"].items()}
     assert compose["services"]["worker"]["environment"] == compose["x-attribution"]["environment"]
-    # One worker on purpose until scale-out is safe (README, "Scaling out").
-    assert compose["services"]["worker"]["deploy"]["replicas"] == 1
+    # More than one worker: the group shares the partitions (README, "Scaling out").
+    assert compose["services"]["worker"]["deploy"]["replicas"] >= 2
     k8s_env = dict(configmap["data"], CLICKHOUSE_URL="clickhouse://u:p@clickhouse:9000/attribution")
     for env in (compose_env, k8s_env):
         config = Config(**env)

@@ -132,6 +132,13 @@ def test_a_batch_that_began_before_a_rebalance_is_fenced_and_commits_nothing():
     assert ledger.committable(CLICKS0) is None
 
 
+def test_records_of_partitions_another_worker_owns_now_are_never_admitted():
+    ledger = OffsetLedger(FakeSource({CLICKS0: 0, CLICKS1: 0}), owned=lambda: {CLICKS1})
+    admitted, _ = admit(ledger, [event(CLICKS0, 0), event(CLICKS1, 0)])
+    assert [e.message.tp for e in admitted] == [CLICKS1]
+    assert not ledger.tracks(CLICKS0)
+
+
 def test_while_the_app_rebalances_every_effect_is_fenced():
     rebalancing = False
     ledger = OffsetLedger(FakeSource(), interrupted=lambda: rebalancing)
