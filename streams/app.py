@@ -34,6 +34,7 @@ from sinks.rows import TABLES, share_row
 
 from .barrier import click_barrier, order_barrier
 from .codes import CodeStage, LookAhead
+from . import fastpath
 from .forwarding import Forwarder
 from .kafka_meta import GroupOffsets
 from .lag import run_lag_reporter
@@ -261,6 +262,7 @@ def create_app(config: Config) -> faust.App:
     stream_topics = {t.get_topic_name() for t in (
         clicks, shares, orders, refunds, reviews, visitor_events, code_events, ledger_events)}
     install(app.consumer, progress, stream_topics)
+    fastpath.install(app.consumer)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
