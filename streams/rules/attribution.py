@@ -51,6 +51,9 @@ def paid_click_id(landing_url: str) -> str:
     """The first paid-search click id parameter present (non-empty) on `landing_url`, or ''."""
     if "=" not in landing_url:
         return ""
+    lowered = landing_url.lower()
+    if "%" not in lowered and not any(name in lowered for name in PAID_CLICK_ID_PARAMS):
+        return ""  # cheap and exact: no such name anywhere (a percent-encoded one is parsed)
     try:
         params = {key.lower() for key, value in parse_qsl(urlsplit(landing_url).query) if value}
     except ValueError:

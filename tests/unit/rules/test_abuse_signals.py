@@ -58,6 +58,7 @@ PAID = AbuseFlag("paid_search_click", "hold", "click c-1 landed with paid-search
         # Several ids: the first of PAID_CLICK_ID_PARAMS, whatever their order on the URL.
         ("https://shop.example/p?msclkid=b&gclid=a", "gclid"),
         ("https://shop.example/p?gclid=&msclkid=b", "msclkid"),
+        ("https://shop.example/p?%67clid=abc", "gclid"),  # a percent-encoded name is still one
     ],
 )
 def test_a_paid_search_click_id_on_the_landing_url_is_named(
