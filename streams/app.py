@@ -25,6 +25,7 @@ from schemas.config import (
     DEAD_LETTERS_TOPIC,
     LEDGER_EVENTS_TOPIC,
     REVIEWS_TOPIC,
+    STATE_TABLES,
     VISITOR_EVENTS_TOPIC,
     Config,
 )
@@ -139,17 +140,12 @@ def create_app(config: Config) -> faust.App:
     ledger_events = raw_topic(LEDGER_EVENTS_TOPIC)
     abuse_flags = raw_topic(ABUSE_FLAGS_TOPIC)
 
-    touches = app.Table(
-        "touches", default=None, partitions=config.partitions,
-        key_type=bytes, value_type=bytes, options=dict(TABLE_STORE_OPTIONS),
-    )
-    order_ledgers = app.Table(
-        "order-ledgers", default=None, partitions=config.partitions,
-        key_type=bytes, value_type=bytes, options=dict(TABLE_STORE_OPTIONS),
-    )
-    code_redemptions = app.Table(
-        "code-redemptions", default=None, partitions=config.partitions,
-        key_type=bytes, value_type=bytes, options=dict(TABLE_STORE_OPTIONS),
+    touches, order_ledgers, code_redemptions = (
+        app.Table(
+            name, default=None, partitions=config.partitions,
+            key_type=bytes, value_type=bytes, options=dict(TABLE_STORE_OPTIONS),
+        )
+        for name in STATE_TABLES  # their changelog topics are created with the others (topics.py)
     )
 
     visitor_events_name = config.topic(VISITOR_EVENTS_TOPIC)

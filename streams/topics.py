@@ -1,7 +1,10 @@
 """The project's Kafka topics, created explicitly (the broker runs with auto-create off).
 
-Faust declares its own internal topics (table changelogs, the assignor's topic) when the worker
-starts; everything else is created here, honouring `TOPIC_PREFIX` and the partition count.
+Faust declares its own internal topics (the assignor's topic) when the worker starts; everything
+else is created here, honouring `TOPIC_PREFIX` and the partition count. The tables' changelogs
+too: Faust declared them itself just before subscribing, and on a fresh broker its consumer
+sometimes subscribed before the new topic was in its metadata, ignored it, and the first table
+write then failed (the changelog "has 0 partitions").
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from schemas.config import (
     LEDGER_EVENTS_TOPIC,
     REFERENCE_TOPICS,
     REVIEWS_TOPIC,
+    STATE_TABLES,
     VISITOR_EVENTS_TOPIC,
     Config,
 )
@@ -27,6 +31,8 @@ from schemas.config import (
 #: Reference topics keep the latest value per id forever: they are the source of truth that a
 #: new worker reads from the beginning.
 COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+#: Table changelogs keep the latest value per key (Faust's own changelog settings).
+CHANGELOG = {"cleanup.policy": "compact"}
 #: Dead letters are kept 30 days so an operator has time to look at them and replay.
 DEAD_LETTER_RETENTION = {"retention.ms": str(30 * 24 * 3600 * 1000)}
 
@@ -49,6 +55,8 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     specs.append(TopicSpec(config.topic(CODE_EVENTS_TOPIC), n))
     specs.append(TopicSpec(config.topic(REVIEWS_TOPIC), n))
     specs.append(TopicSpec(config.topic(ABUSE_FLAGS_TOPIC), n))
+    # Co-partitioned with the topics that update them; compacted like Faust's own.
+    specs += [TopicSpec(config.changelog_topic(t), n, CHANGELOG) for t in STATE_TABLES]
     return specs
 
 
