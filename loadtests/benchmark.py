@@ -1082,7 +1082,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                       f"({result['catch_up']['seconds']:.0f} s), worker RSS {rss:,.0f} MB")
 
         result["caught_up"] = wait_for_zero_lag(iso, worker, console)
-        rate = catch_rate * STEADY_RATE_SHARE
+        rate = args.latency_rate or catch_rate * STEADY_RATE_SHARE
         fresh_visitors = visitors_for(int(rate * args.latency_seconds), len(lines) / visitors)
         fresh = generate_lines(fresh_visitors, args.seed + 1, BACKLOG_START + timedelta(days=1))
         console.print(f"steady state: {len(fresh):,} fresh events at {rate:,.0f} events/s "
@@ -1121,14 +1121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="generator seed (default 42)")
     parser.add_argument("--latency-seconds", type=float, default=60.0,
                         help="length of the fixed-rate phase (default 60)")
+    parser.add_argument("--latency-rate", type=float, default=None, metavar="EVENTS_PER_S",
+                        help="input rate of the latency phase (default: half the catch-up rate)")
     parser.add_argument("--catchup-timeout", type=float, default=1800.0,
                         help="give up on the catch-up after this many seconds (default 1800)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.add_argument("--keep", action="store_true",
                         help="keep the database, topics and worker state of the run")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.latency_seconds <= 0:
-        parser.error("--events and --latency-seconds must be positive")
+    if args.events < 1 or args.latency_seconds <= 0 or (args.latency_rate or 1) <= 0:
+        parser.error("--events, --latency-seconds and --latency-rate must be positive")
 
     # Progress goes to stderr, results to stdout; a log file gets long lines, not 80 columns.
     progress = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
