@@ -31,6 +31,8 @@ class Metrics:
     end_to_end_latency: Histogram
     consumer_lag: Gauge
     orders_waiting_for_clicks: Gauge
+    batches_dropped: Counter
+    partition_rereads: Counter
 
 
 def _build() -> Metrics:
@@ -81,6 +83,18 @@ def _build() -> Metrics:
         orders_waiting_for_clicks=Gauge(
             "attribution_orders_waiting_for_clicks",
             "Orders held back until every earlier click has been read",
+        ),
+        batches_dropped=Counter(
+            "attribution_batches_dropped",
+            "Batches dropped without effects because a rebalance or shutdown began while they"
+            " were in flight (the partitions' owner reads them again)",
+            ["agent"],
+        ),
+        partition_rereads=Counter(
+            "attribution_partition_rereads",
+            "Partitions sent back to their next offset because Faust delivered a later record"
+            " first (records not delivered)",
+            ["topic"],
         ),
     )
 

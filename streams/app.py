@@ -203,6 +203,7 @@ def create_app(config: Config) -> faust.App:
                             await body(admitted)
                         progress.done(admitted, fence)  # only now may its offsets be committed
                     except Rebalanced:
+                        METRICS.batches_dropped.labels(name).inc()
                         dropped = sum(sink.discard() for sink in sinks)
                         log.info("%s: batch of %d events dropped (%d rows not written): a rebalance"
                                  " started; the partitions' owners read it again", name, len(events),

@@ -38,6 +38,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+from sinks.metrics import METRICS
+
 log = logging.getLogger(__name__)
 
 #: After sending the consumer back to a partition's next offset, records of that partition that
@@ -164,6 +166,7 @@ class OffsetLedger:
         log.warning("%s/%s: got offset %d while %d is next (records not delivered): reading"
                     " again from %d", tp.topic, tp.partition, seen, offset, offset)
         self._seeks[tp] = (offset, now)
+        METRICS.partition_rereads.labels(tp.topic).inc()
         await seek(tp, offset)
 
     async def reseek_stalled(self, seek: Any) -> None:
@@ -174,6 +177,7 @@ class OffsetLedger:
                 log.warning("%s/%s: still not back at offset %d %.0fs after a seek: seeking again",
                             tp.topic, tp.partition, offset, now - when)
                 self._seeks[tp] = (offset, now)
+                METRICS.partition_rereads.labels(tp.topic).inc()
                 try:
                     await seek(tp, offset)
                 except Exception as exc:  # noqa: BLE001 - e.g. no longer assigned: the next owner reads it

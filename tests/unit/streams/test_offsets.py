@@ -15,6 +15,7 @@ from faust.types import TP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sinks.metrics import METRICS
 from streams.offsets import OffsetLedger, Rebalanced, check_fence, install
 
 CLICKS0 = TP("clicks", 0)
@@ -76,6 +77,7 @@ def test_a_partition_starts_at_the_groups_committed_offset_and_skips_what_was_do
 
 
 def test_records_that_were_never_delivered_are_read_again_not_committed_across():
+    rereads_before = METRICS.partition_rereads.labels("clicks")._value.get()
     ledger = OffsetLedger(FakeSource({CLICKS0: 0, CLICKS1: 0}))
     seeks = Seeks()
     batch = [event(CLICKS0, 4), event(CLICKS0, 5), event(CLICKS1, 0), event(CLICKS1, 1)]
@@ -85,6 +87,7 @@ def test_records_that_were_never_delivered_are_read_again_not_committed_across()
     ledger.done(admitted, fence)
     assert ledger.committable(CLICKS0) is None
     assert ledger.committable(CLICKS1) == 2
+    assert METRICS.partition_rereads.labels("clicks")._value.get() == rereads_before + 1
 
 
 def test_records_fetched_before_the_seek_do_not_send_the_consumer_back_again():
