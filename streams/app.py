@@ -4,6 +4,8 @@ Error policy (faust acks an event whose agent raised, i.e. silently skips it, so
 escape an agent):
 - invalid input -> dead-letters (in the ingest stage), never an exception;
 - transient failure (ClickHouse down) -> retried in place by the sink, the agent just waits;
+- a rebalance or shutdown while a batch is in flight -> the batch is dropped before its next
+  effect and commits nothing (`streams.offsets`: Faust's acks never decide what is committed);
 - anything else -> fatal: logged, then the process exits at once *without* committing offsets,
   so the batch is processed again after a restart.
 """
@@ -153,11 +155,12 @@ def create_app(config: Config) -> faust.App:
     ledger_events_name = config.topic(LEDGER_EVENTS_TOPIC)
     reference = ReferenceReader(config)
     group_offsets = GroupOffsets(config.kafka_bootstrap, config.app_id)
-    progress = OffsetLedger(
+    commit_ledger = OffsetLedger(
         group_offsets, interrupted=lambda: bool(app.rebalancing or app.should_stop),
         owned=lambda: app.consumer.assignment(),
     )
-    barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"), progress)
+    barrier = click_barrier(config.kafka_bootstrap, config.app_id, config.topic("clicks"),
+                            commit_ledger)
 
     def sink() -> RowSink:
         return RowSink(config.clickhouse, TABLES)
@@ -168,7 +171,7 @@ def create_app(config: Config) -> faust.App:
         lambda: reference.snapshot, flush_in_thread,
     )
     code_barrier = order_barrier(config.kafka_bootstrap, config.app_id, config.topic("orders"),
-                                 visitor_events_name, progress)
+                                 visitor_events_name, commit_ledger)
     look_ahead = LookAhead(config.kafka_bootstrap, code_events_name)
     code_stage = CodeStage(
         code_events_name, code_redemptions, forwarder, ledger_events_name,
@@ -195,13 +198,13 @@ def create_app(config: Config) -> faust.App:
             await reference.ready.wait()
             try:
                 async for events in batches(stream):
-                    fence = progress.fence()
-                    token = progress.enter(fence)
+                    fence = commit_ledger.fence()
+                    token = commit_ledger.enter(fence)
                     try:
-                        admitted = await progress.admit(events, app.consumer.seek, fence)
+                        admitted = await commit_ledger.admit(events, app.consumer.seek, fence)
                         if admitted:
                             await body(admitted)
-                        progress.done(admitted, fence)  # only now may its offsets be committed
+                        commit_ledger.done(admitted, fence)  # only now may its offsets be committed
                     except Rebalanced:
                         METRICS.batches_dropped.labels(name).inc()
                         dropped = sum(sink.discard() for sink in sinks)
@@ -209,7 +212,7 @@ def create_app(config: Config) -> faust.App:
                                  " started; the partitions' owners read it again", name, len(events),
                                  dropped)
                     finally:
-                        progress.leave(token)
+                        commit_ledger.leave(token)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - must not be acked past
@@ -258,18 +261,18 @@ def create_app(config: Config) -> faust.App:
 
     stream_topics = {t.get_topic_name() for t in (
         clicks, shares, orders, refunds, reviews, visitor_events, code_events, ledger_events)}
-    install(app.consumer, progress, stream_topics)
+    install(app.consumer, commit_ledger, stream_topics)
     fastpath.install(app.consumer)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
         """After Faust committed what was done: batches from before this are fenced."""
-        progress.revoked(revoked)
+        commit_ledger.revoked(revoked)
 
     @app.timer(interval=RESEEK_SECONDS)
     async def reseek_stalled_partitions() -> None:
         if not (app.rebalancing or app.should_stop):
-            await progress.reseek_stalled(app.consumer.seek)
+            await commit_ledger.reseek_stalled(app.consumer.seek)
 
     @app.task
     async def read_reference() -> None:
