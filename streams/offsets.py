@@ -144,6 +144,10 @@ class OffsetLedger:
             if tp in blocked or offset < cursor[tp]:
                 continue
             if offset > cursor[tp]:
+                pending = self._seeks.get(tp)
+                if pending is not None and pending[0] == cursor[tp]:
+                    blocked.add(tp)  # a re-read from there is under way: drop, do not ask again
+                    continue
                 first = await self.source.first_offset_from(tp, cursor[tp])
                 fence.check()
                 if first is None or first < offset:  # records before this one exist: re-read them

@@ -33,12 +33,14 @@ class FakeSource:
         self.committed = committed or {}
         self.holes = set(holes)  # offsets with no record (transaction markers)
         self.asked: list[Any] = []
+        self.probes = 0
 
     async def starting_offsets(self, tps):
         self.asked.extend(tps)
         return {tp: self.committed.get(tp, 0) for tp in tps}
 
     async def first_offset_from(self, tp, offset):
+        self.probes += 1
         while offset in self.holes:
             offset += 1
         return offset
@@ -91,11 +93,13 @@ def test_records_that_were_never_delivered_are_read_again_not_committed_across()
 
 
 def test_records_fetched_before_the_seek_do_not_send_the_consumer_back_again():
-    ledger = OffsetLedger(FakeSource({CLICKS0: 0}))
+    source = FakeSource({CLICKS0: 0})
+    ledger = OffsetLedger(source)
     seeks = Seeks()
     admit(ledger, [event(CLICKS0, 4)], seeks)
     admit(ledger, [event(CLICKS0, 5)], seeks)  # still draining what was fetched before the seek
     assert seeks.calls == [(CLICKS0, 0)]
+    assert source.probes == 1  # the broker is asked once per gap, not once per stale record
     admitted, _ = admit(ledger, [event(CLICKS0, 0), event(CLICKS0, 1)], seeks)
     assert offsets(admitted) == [0, 1]
 
