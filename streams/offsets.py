@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 RESEEK_SECONDS = 5.0
 
 
+#: The faust-streaming versions whose commit path `install` hooks (pyproject pins the same).
+SUPPORTED_FAUST = "0.15."
+
+
 class Rebalanced(Exception):
     """The batch began before a rebalance (or the worker is stopping): drop it, write nothing,
     commit nothing."""
@@ -229,6 +233,15 @@ def install(consumer: Any, ledger: OffsetLedger, topics: set[str]) -> None:
     topics (none today) keep Faust's rules. Faust's own ack lists of our topics are emptied on
     every commit so they do not grow.
     """
+    import faust
+
+    version = getattr(faust, "__version__", "")
+    hooks = ("_new_offset", "_filter_tps_with_pending_acks", "_filter_committable_offsets",
+             "_should_commit", "_acked", "_acked_index", "_gap")
+    if not version.startswith(SUPPORTED_FAUST) or not all(hasattr(consumer, h) for h in hooks):
+        # Exactness rests on this hook: better no worker than one that commits Faust's acks.
+        raise RuntimeError(f"faust-streaming {version} is not supported: the commit ledger hooks"
+                           f" the commit path of faust-streaming {SUPPORTED_FAUST}x")
     faust_new_offset = consumer._new_offset  # noqa: SLF001
     faust_pending = consumer._filter_tps_with_pending_acks  # noqa: SLF001
 

@@ -189,9 +189,20 @@ class FakeConsumer:
     def _filter_tps_with_pending_acks(self, topics=None):
         return iter(list(self._acked))
 
+    def _filter_committable_offsets(self, tps):  # Faust's rule, which install replaces
+        return {tp: self._new_offset(tp) for tp in tps}
+
     def _should_commit(self, tp, offset):
         committed = self._committed_offset[tp]
         return committed is None or offset > committed
+
+
+def test_an_unsupported_faust_version_refuses_to_start_rather_than_commit_its_acks(monkeypatch):
+    import faust
+
+    monkeypatch.setattr(faust, "__version__", "0.16.0")
+    with pytest.raises(RuntimeError, match="not supported"):
+        install(FakeConsumer(), OffsetLedger(FakeSource()), {"clicks"})
 
 
 def test_faust_commits_what_the_ledger_allows_not_what_its_streams_acked():
