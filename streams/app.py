@@ -187,6 +187,11 @@ def create_app(config: Config) -> faust.App:
     def batches(stream: Any) -> Any:
         return stream.take_events(config.batch_size, within=config.batch_seconds)
 
+    async def seek(tp: Any, offset: int) -> None:
+        """Send the consumer back to `offset` of `tp`, in the consumer's own thread (a seek from
+        the event loop's thread sometimes did not take effect)."""
+        await app.consumer.seek_wait({tp: offset})
+
     def guarded(
         name: str, body: Callable[[Any], Awaitable[None]], sinks: Sequence[RowSink] = (),
     ) -> Callable[[Any], Awaitable[None]]:
@@ -201,7 +206,7 @@ def create_app(config: Config) -> faust.App:
                     fence = commit_ledger.fence()
                     token = commit_ledger.enter(fence)
                     try:
-                        admitted = await commit_ledger.admit(events, app.consumer.seek, fence)
+                        admitted = await commit_ledger.admit(events, seek, fence)
                         if admitted:
                             await body(admitted)
                         commit_ledger.done(admitted, fence)  # only now may its offsets be committed
@@ -272,7 +277,7 @@ def create_app(config: Config) -> faust.App:
     @app.timer(interval=RESEEK_SECONDS)
     async def reseek_stalled_partitions() -> None:
         if not (app.rebalancing or app.should_stop):
-            await commit_ledger.reseek_stalled(app.consumer.seek)
+            await commit_ledger.reseek_stalled(seek)
 
     @app.task
     async def read_reference() -> None:

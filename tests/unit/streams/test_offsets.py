@@ -181,6 +181,8 @@ class FakeConsumer:
         self._acked_index: dict = defaultdict(set)
         self._gap: dict = {}
         self._committed_offset: dict = defaultdict(lambda: None)
+        self.events: list = []
+        self.assigned: set = set()
 
     def _new_offset(self, tp):  # Faust's rule: the first run of acked offsets
         acked = sorted(self._acked[tp])
@@ -188,6 +190,15 @@ class FakeConsumer:
 
     def _filter_tps_with_pending_acks(self, topics=None):
         return iter(list(self._acked))
+
+    async def perform_seek(self):  # Faust's: to the committed offsets, where there are any
+        self.events.append("faust seek")
+
+    async def seek_wait(self, offsets):
+        self.events.append(("seek", dict(offsets)))
+
+    def assignment(self):
+        return self.assigned
 
     def _filter_committable_offsets(self, tps):  # Faust's rule, which install replaces
         return {tp: self._new_offset(tp) for tp in tps}
@@ -203,6 +214,14 @@ def test_an_unsupported_faust_version_refuses_to_start_rather_than_commit_its_ac
     monkeypatch.setattr(faust, "__version__", "0.16.0")
     with pytest.raises(RuntimeError, match="not supported"):
         install(FakeConsumer(), OffsetLedger(FakeSource()), {"clicks"})
+
+
+def test_after_a_rebalance_every_stream_partition_starts_where_the_ledger_starts_it():
+    consumer = FakeConsumer()
+    consumer.assigned = {CLICKS0, CLICKS1, TP("changelog", 0)}
+    install(consumer, OffsetLedger(FakeSource({CLICKS0: 7})), {"clicks"})
+    run(consumer.perform_seek())
+    assert consumer.events == ["faust seek", ("seek", {CLICKS0: 7, CLICKS1: 0})]
 
 
 def test_faust_commits_what_the_ledger_allows_not_what_its_streams_acked():
