@@ -95,6 +95,8 @@ def test_two_workers_in_one_group_give_the_same_rows_as_one(isolated_factory):
     assert w1.alive() and w2.alive()
 
     clicks = scaled.env["TOPIC_PREFIX"] + "clicks"
+    for worker in (w1, w2):  # the group may still be settling: the rows can all be in first
+        wait_until_it_owns_some_of(worker, clicks)
     owned = {w.log_path.stem: final_assignment(w.log_path, clicks) for w in (w1, w2)}
     assert all(owned.values()), f"a worker owns no {clicks} partition: {owned}"
     assert owned["w1"].isdisjoint(owned["w2"]), owned
