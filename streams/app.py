@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import faust
@@ -36,8 +36,8 @@ from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
 from .barrier import click_barrier, order_barrier
-from .codes import CodeStage, LookAhead
 from . import fastpath
+from .codes import CodeStage, LookAhead
 from .forwarding import Forwarder
 from .kafka_meta import GroupOffsets
 from .lag import run_lag_reporter

@@ -4,8 +4,8 @@ A stage of this worker forwards what it reads (clicks to `visitor-events`, order
 `visitor-events` and on to `code-events`). A record counts as forwarded once its offset is below
 either the consumer group's *committed* offset (Faust flushes the producer before it commits;
 committed offsets are the group's, so this covers partitions other workers own) or this worker's
-own `Progress` (a stage marks a batch done once its forwards were acknowledged by the broker, which is
-a commit interval sooner). A barrier waits until every partition of a topic is forwarded up to
+own `Progress` (a stage marks a batch done once its forwards were acknowledged by the broker,
+which is a commit interval sooner). A barrier waits until every partition of a topic is forwarded up to
 the end offset read at some moment: then every record published before that moment has been.
 
 - The click barrier (contract §4: every click published before the order counts, whatever the

@@ -163,7 +163,9 @@ class OffsetLedger:
                             cursor[tp], offset - 1, offset)
             admitted.append(event)
             cursor[tp] = offset + 1
-            self._seeks.pop(tp, None)
+        for tp in tps:
+            if cursor[tp] > self._next[tp]:
+                self._seeks.pop(tp, None)  # its re-read (if any) has begun
         return admitted
 
     async def _seek_back(self, tp: Any, offset: int, seen: int, seek: Any) -> None:
@@ -173,12 +175,7 @@ class OffsetLedger:
             return  # records fetched before that seek are still draining
         log.warning("%s/%s: got offset %d while %d is next (records not delivered): reading"
                     " again from %d", tp.topic, tp.partition, seen, offset, offset)
-        self._seeks[tp] = (offset, now)
-        METRICS.partition_rereads.labels(tp.topic).inc()
-        try:
-            await seek(tp, offset)
-        except Exception as exc:  # noqa: BLE001 - e.g. no longer assigned: the next owner reads it
-            log.warning("%s/%s: seek to %d failed: %r", tp.topic, tp.partition, offset, exc)
+        await self._send_back(tp, offset, now, seek)
 
     async def reseek_stalled(self, seek: Any) -> None:
         """Seek again every partition whose re-read has not begun RESEEK_SECONDS after its seek."""
@@ -187,12 +184,16 @@ class OffsetLedger:
             if now - when >= RESEEK_SECONDS and self._next.get(tp) == offset:
                 log.warning("%s/%s: still not back at offset %d %.0fs after a seek: seeking again",
                             tp.topic, tp.partition, offset, now - when)
-                self._seeks[tp] = (offset, now)
-                METRICS.partition_rereads.labels(tp.topic).inc()
-                try:
-                    await seek(tp, offset)
-                except Exception as exc:  # noqa: BLE001 - e.g. no longer assigned: the next owner reads it
-                    log.warning("%s/%s: seek to %d failed: %r", tp.topic, tp.partition, offset, exc)
+                await self._send_back(tp, offset, now, seek)
+
+    async def _send_back(self, tp: Any, offset: int, now: float, seek: Any) -> None:
+        """Seek `tp` to `offset` and remember when, for `reseek_stalled`."""
+        self._seeks[tp] = (offset, now)
+        METRICS.partition_rereads.labels(tp.topic).inc()
+        try:
+            await seek(tp, offset)
+        except Exception as exc:  # noqa: BLE001 - e.g. no longer assigned: the next owner reads it
+            log.warning("%s/%s: seek to %d failed: %r", tp.topic, tp.partition, offset, exc)
 
     def done(self, admitted: Iterable[Any], fence: Fence) -> None:
         """The batch's effects are all made: its offsets may be committed."""
