@@ -1,6 +1,6 @@
 """The benchmark of the operations issue: what one worker does on one machine, next to a baseline.
 
-    python -m loadtests.benchmark [--events 300000] [--json FILE] [--keep]
+    python -m loadtests.benchmark [--events 300000] [--workers 1] [--json FILE] [--keep]
 
 One run, on the local stack (`attribution stack up`), under a fresh topic prefix and database:
 
@@ -16,6 +16,9 @@ One run, on the local stack (`attribution stack up`), under a fresh topic prefix
    accrual fact (attributed orders), p50/p95/p99, seen by polling ClickHouse every 100 ms
    (`inserted_at` has whole seconds only);
 4. **memory** — the worker's peak resident set (VmHWM).
+
+With `--workers N`, N workers in one consumer group (each its own process, state directory and
+log) do the catch-up and the latency phase together; memory is then the largest one worker's.
 
 It prints a table and a JSON document (also written to --json FILE) with the machine, the commit
 the worker ran and what else loaded the machine meanwhile. It never stops the stack; at
@@ -403,7 +406,6 @@ class Worker:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
-        self.max_rss_mb = 0.0
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,7 +435,6 @@ class Worker:
         except OSError:  # gone since the last look: say how it ended
             self.check_alive()
             raise
-        self.max_rss_mb = max(self.max_rss_mb, rss)
         return rss, peak
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -470,6 +471,74 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class Workers:
+    """The run's `--workers` worker subprocesses: one consumer group, a state directory and a log
+    each (two workers sharing RocksDB files would corrupt each other's tables). Started together;
+    memory is the sum of their resident sets, the peak the largest single worker's."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, count: int) -> None:
+        if count == 1:
+            self.members = [Worker(env, workdir / "worker.log")]
+        else:
+            self.members = [
+                Worker({**env, "ATTRIBUTION_STATE_DIR": str(workdir / "state" / f"worker-{n}")},
+                       workdir / f"worker-{n}.log")
+                for n in range(1, count + 1)
+            ]
+        self.max_rss_mb = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        """The CPU meter's name of each member: "worker", or "worker-1", "worker-2", ..."""
+        if len(self.members) == 1:
+            return ["worker"]
+        return [f"worker-{n}" for n in range(1, len(self.members) + 1)]
+
+    @property
+    def started(self) -> float:
+        return min(member.started for member in self.members)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: member.pid for name, member in zip(self.names, self.members)}
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [member.log_path for member in self.members]
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def check_alive(self) -> None:
+        for member in self.members:
+            member.check_alive()
+
+    def sample_memory(self) -> tuple[float, float]:
+        """(sum of the resident sets now, the largest peak of one worker so far), in MiB."""
+        samples = [member.sample_memory() for member in self.members]
+        rss = sum(now for now, _ in samples)
+        self.max_rss_mb = max(self.max_rss_mb, rss)
+        return rss, max(peak for _, peak in samples)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return "\n".join(f"--- {member.log_path}\n{member.log_tail(chars // len(self.members))}"
+                         for member in self.members)
+
+    def log_problems(self) -> dict[str, Any]:
+        if len(self.members) == 1:
+            return {"path": str(self.members[0].log_path), **self.members[0].log_problems()}
+        return {name: {"path": str(member.log_path), **member.log_problems()}
+                for name, member in zip(self.names, self.members)}
+
+    def stop(self) -> None:
+        for member in self.members:  # SIGTERM to all first: they leave the group together
+            if member.process is not None and member.process.poll() is None:
+                member.process.send_signal(signal.SIGTERM)
+        for member in self.members:
+            member.stop()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -686,12 +755,12 @@ class Rows:
 
 
 def catch_up(
-    worker: Worker, rows: Rows, expected: ExpectedRows, lines: int, timeout: float, console: Console,
-    on_start: Callable[[int], None] = lambda pid: None,
+    worker: Workers, rows: Rows, expected: ExpectedRows, lines: int, timeout: float,
+    console: Console, on_start: Callable[[dict[str, int]], None] = lambda pids: None,
 ) -> dict[str, Any]:
-    """Start the worker; wait until every expected click, share and order is in ClickHouse."""
+    """Start the worker(s); wait until every expected click, share and order is in ClickHouse."""
     worker.start()
-    on_start(worker.pid)
+    on_start(worker.pids)
     first_row: float | None = None
     last_progress, last_done = worker.started, -1
     counts: dict[str, int] = {}
@@ -719,12 +788,12 @@ def catch_up(
                 raise BenchmarkError(
                     f"no new rows for {STALL_SECONDS:.0f} s (have {counts}, expect clicks "
                     f"{expected.clicks}, shares {expected.shares}, orders {expected.orders}); "
-                    f"the worker's log ({worker.log_path}) ends:\n{worker.log_tail()}"
+                    f"the worker's log ends:\n{worker.log_tail()}"
                 )
             if now - worker.started > timeout:
                 raise BenchmarkError(
                     f"catch-up not done after {timeout:.0f} s (have {counts}); raise "
-                    f"--catchup-timeout or use fewer --events; log: {worker.log_path}"
+                    f"--catchup-timeout or use fewer --events; log: {worker.log_paths}"
                 )
             time.sleep(CATCH_UP_POLL_SECONDS)
     seconds = finished - worker.started
@@ -759,7 +828,7 @@ def group_lag(iso: Isolation) -> int | None:
         admin.close()
 
 
-def wait_for_zero_lag(iso: Isolation, worker: Worker, console: Console) -> dict[str, Any]:
+def wait_for_zero_lag(iso: Isolation, worker: Workers, console: Console) -> dict[str, Any]:
     started = time.monotonic()
     lag = group_lag(iso)
     while lag != 0 and time.monotonic() - started < LAG_WAIT_SECONDS:
@@ -822,7 +891,7 @@ def _publish_stream(config: Config, lines: list[bytes], rate: float, out: _Publi
 
 
 def steady_latency(
-    iso: Isolation, worker: Worker, rows: Rows, lines: list[bytes], rate: float, console: Console,
+    iso: Isolation, worker: Workers, rows: Rows, lines: list[bytes], rate: float, console: Console,
 ) -> dict[str, Any]:
     """Publish `lines` at `rate`; time each order until its row (and accrual fact) is readable."""
     published = _Published()
@@ -945,10 +1014,17 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:,.0f} ms"
 
 
+def worker_cores(cores: dict[str, float]) -> float:
+    """The CPU meter's cores of all workers ("worker", or "worker-1", "worker-2", ...)."""
+    return round(sum(v for name, v in cores.items() if name.split("-")[0] == "worker"), 2)
+
+
 def results_table(result: dict[str, Any]) -> Table:
     code = result["code"]
     dirty = " + uncommitted changes" if code.get("uncommitted_pipeline_files") else ""
-    table = Table(title=f"Benchmark {result['tag']} — one worker, {result['machine']['nproc']} "
+    workers = result["settings"].get("workers", 1)
+    who = "one worker" if workers == 1 else f"{workers} workers"
+    table = Table(title=f"Benchmark {result['tag']} — {who}, {result['machine']['nproc']} "
                         f"CPUs, code {code.get('commit')}{dirty}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -958,7 +1034,8 @@ def results_table(result: dict[str, Any]) -> Table:
                   f"{backlog['expected']['clicks']:,} clicks, {backlog['expected']['shares']:,} shares, "
                   f"{backlog['expected']['orders']:,} orders, {backlog['expected']['refunds']:,} refunds")
     table.add_row("catch-up", f"{catch['events_per_s']:,} events/s",
-                  f"{catch['seconds']:.0f} s from worker start; worker used {catch['cpu_cores']['worker']} cores")
+                  f"{catch['seconds']:.0f} s from worker start; {who} used "
+                  f"{worker_cores(catch['cpu_cores'])} cores")
     table.add_row("catch-up from first row", f"{catch['events_per_s_from_first_row']:,} events/s",
                   f"first row after {catch['first_row_after_s']:.1f} s")
     table.add_row("baseline consumer + decode", f"{base['events_per_s']:,} events/s",
@@ -977,7 +1054,8 @@ def results_table(result: dict[str, Any]) -> Table:
         table.add_row("order -> accrual fact p50 / p95 / p99",
                       f"{_seconds(facts['p50_s'])} / {_seconds(facts['p95_s'])} / {_seconds(facts['p99_s'])}",
                       f"{facts['samples']} attributed orders")
-    table.add_row("worker peak RSS (VmHWM)", f"{result['memory']['peak_rss_mb']:,.0f} MB", "")
+    table.add_row("worker peak RSS (VmHWM)", f"{result['memory']['peak_rss_mb']:,.0f} MB",
+                  "" if workers == 1 else "the largest of one worker")
     m = result["machine"]
     table.add_row("machine", f"{m['nproc']} CPUs, {m['ram_gib']} GiB",
                   f"{m['cpu_model']}; Python {m['python']}, Kafka {m['kafka']}, ClickHouse {m['clickhouse']}")
@@ -1039,8 +1117,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         status = stack.status()
     iso = isolate(stack)
     console.print(f"run {iso.tag}: prefix {iso.config.topic_prefix}, database {iso.database}, "
-                  f"worker log {iso.workdir / 'worker.log'}")
-    worker = Worker(iso.env, iso.workdir / "worker.log")
+                  f"{args.workers} worker(s), logs in {iso.workdir}")
+    worker = Workers(iso.env, iso.workdir, args.workers)
     rows: Rows | None = None
     try:
         rows = Rows(iso, console)
@@ -1052,6 +1130,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "settings": {
                 "events": args.events, "seed": args.seed, "partitions": iso.config.partitions,
                 "batch_size": iso.config.batch_size, "batch_seconds": iso.config.batch_seconds,
+                "workers": args.workers,
             },
         }
 
@@ -1071,7 +1150,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         watch = PhaseWatch("catch-up", stack, rows)
         result["catch_up"] = catch_up(
             worker, rows, expected, len(lines), args.catchup_timeout, console,
-            on_start=lambda pid: watch.cpu.track("worker", pid),
+            on_start=lambda pids: [watch.cpu.track(name, pid) for name, pid in pids.items()],
         )
         watch.finish(result["catch_up"], disturbances)
         rss, _ = worker.sample_memory()
@@ -1087,7 +1166,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         fresh = generate_lines(fresh_visitors, args.seed + 1, BACKLOG_START + timedelta(days=1))
         console.print(f"steady state: {len(fresh):,} fresh events at {rate:,.0f} events/s "
                       f"(~{len(fresh) / rate:.0f} s)")
-        watch = PhaseWatch("latency", stack, rows, {"worker": worker.pid})
+        watch = PhaseWatch("latency", stack, rows, worker.pids)
         result["latency"] = steady_latency(iso, worker, rows, fresh, rate, console)
         watch.finish(result["latency"], disturbances)
         for disturbance in disturbances:
@@ -1097,7 +1176,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         result["memory"] = {"peak_rss_mb": round(peak), "rss_at_end_mb": round(rss),
                             "max_sampled_rss_mb": round(worker.max_rss_mb)}
         worker.stop()  # first, so that the log summary has the shut-down too
-        result["worker_log"] = {"path": str(worker.log_path), **worker.log_problems()}
+        result["worker_log"] = worker.log_problems()
         return result
     finally:
         worker.stop()
@@ -1113,7 +1192,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.benchmark",
-        description="Catch-up throughput of one worker vs a plain consumer, steady-state "
+        description="Catch-up throughput of the worker(s) vs a plain consumer, steady-state "
         "order latency and worker memory, on the local stack (see the module docstring).",
     )
     parser.add_argument("--events", type=int, default=300_000,
@@ -1125,12 +1204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="input rate of the latency phase (default: half the catch-up rate)")
     parser.add_argument("--catchup-timeout", type=float, default=1800.0,
                         help="give up on the catch-up after this many seconds (default 1800)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers in the consumer group, each its own process (default 1)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.add_argument("--keep", action="store_true",
                         help="keep the database, topics and worker state of the run")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.latency_seconds <= 0 or (args.latency_rate or 1) <= 0:
-        parser.error("--events, --latency-seconds and --latency-rate must be positive")
+    if args.events < 1 or args.latency_seconds <= 0 or (args.latency_rate or 1) <= 0 \
+            or args.workers < 1:
+        parser.error("--events, --latency-seconds, --latency-rate and --workers must be positive")
 
     # Progress goes to stderr, results to stdout; a log file gets long lines, not 80 columns.
     progress = Console(stderr=True, soft_wrap=not sys.stderr.isatty())

@@ -54,12 +54,15 @@ def publish(bootstrap: str, topic: str, records: int) -> None:
 
 def read_all(bootstrap: str, topic: str, records: int, fast: bool) -> None:
     """Runs in a child process: reads `records` records, prints 'RATE <records/s>', exits."""
+    import tempfile
+
     import faust
 
     from streams import fastpath
 
     app = faust.App(
         f"fetch-loop-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}", store="memory://",
+        datadir=tempfile.mkdtemp(prefix="fetch-loop-"),
         web_enabled=False, autodiscover=False, consumer_auto_offset_reset="earliest",
         broker_max_poll_records=500, stream_buffer_maxsize=10_000,
     )

@@ -78,7 +78,7 @@ class JoinStage:
         flags: tuple = ()
         latest = latest_touch(touches, order.ts)
         if affiliate is not None and program is not None and attribution.method != "none":
-            flags = flags_for_order(order, attribution, affiliate, latest, ref, None)
+            flags = flags_for_order(order, attribution, affiliate, latest, ref)
             commission = commission_for(order, affiliate, program)
             ledger, accrual = open_ledger(order, attribution, program, commission, flags)
         click = attribution.click

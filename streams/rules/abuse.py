@@ -1,15 +1,14 @@
 """Abuse flags of an attributed order (contract §6) and the status they give its accrual.
 
 Pure functions over frozen records: no Faust, Kafka or ClickHouse, no clock. Code velocity needs
-memory across orders; it is a pure state transition (`record_redemption`) over a small frozen
-`CodeRedemptions` record that the stream layer keeps per code. A flag never changes who earns
-the order; it only holds or rejects the commission.
+every use of a code across orders: the code stage (`streams.codes`) collects them into a
+`CodeRedemptions` record and asks `velocity_flag` after the order's other flags were decided here.
+A flag never changes who earns the order; it only holds or rejects the commission.
 """
 
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -182,7 +181,7 @@ def paid_search_click(attribution: Attribution) -> AbuseFlag | None:
 def velocity_horizon(ref: ReferenceData) -> timedelta:
     """How long a redemption can matter: the longest velocity window of any program (>= 60 min).
 
-    The `window` to give `record_redemption`, since one code's owner may change program.
+    The code stage keeps uses this long, since one code's owner may change program.
     """
     minutes = max(
         (p.velocity.window_minutes for p in ref.programs.values()),
@@ -191,36 +190,12 @@ def velocity_horizon(ref: ReferenceData) -> timedelta:
     return timedelta(minutes=max(minutes, DEFAULT_VELOCITY_WINDOW_MINUTES))
 
 
-def record_redemption(
-    state: CodeRedemptions, ts: datetime, customer_id: str, window: timedelta
-) -> CodeRedemptions:
-    """`state` with one more use of its code, and without uses that can no longer count.
-
-    Keeps the uses in (newest ts - window, newest ts], sorted by (ts, customer_id). Recording
-    the same (ts, customer_id) twice changes nothing, so replaying an order is harmless.
-    """
-    entry = (ts, customer_id)
-    known = state.redemptions
-    position = bisect_left(known, entry)
-    if position < len(known) and known[position] == entry:
-        return state
-    merged = (*known[:position], entry, *known[position:])
-    newest = merged[-1][0]
-    first_recent = bisect_right(merged, newest - window, key=_redemption_ts)
-    first_kept = max(first_recent, len(merged) - MAX_REDEMPTIONS_PER_CODE)
-    return CodeRedemptions(state.code, merged[first_kept:])
-
-
-def _redemption_ts(redemption: tuple[datetime, str]) -> datetime:
-    return redemption[0]
-
-
 def code_velocity(
     state: CodeRedemptions, order_ts: datetime, velocity: Velocity
 ) -> AbuseFlag | None:
     """Hold: more than `max_customers` distinct customers used the code in (O.ts - window, O.ts].
 
-    `state` must already include the order being checked (record it first).
+    `state` must already include the order being checked.
     """
     window_start = order_ts - timedelta(minutes=velocity.window_minutes)
     customers = {c for ts, c in state.redemptions if window_start < ts <= order_ts}
@@ -240,24 +215,19 @@ def flags_for_order(
     affiliate: Affiliate | None,
     latest_touch: Touch | None,
     ref: ReferenceData,
-    redemptions: CodeRedemptions | None,
 ) -> tuple[AbuseFlag, ...]:
-    """Every flag that applies to an attributed order, in the order of contract §6's table.
+    """Every flag that applies to an attributed order but code velocity, in the order of
+    contract §6's table (velocity needs every use of the code: the code stage adds it later
+    with `velocity_flag` and `with_flags`).
 
     `affiliate` is the attributed one; `latest_touch` the visitor's latest click at or before
-    the order (`attribution.latest_touch`); `redemptions` the order's code uses including this
-    order, or None when the order has no code. Unattributed orders get no flags.
+    the order (`attribution.latest_touch`). Unattributed orders get no flags.
     """
     if attribution.method == "none" or affiliate is None:
         return ()
-    program = ref.program_of(affiliate)
-    velocity = program.velocity if program is not None else Velocity()
     candidates = (
         self_referral(order, affiliate),
         coupon_site_referrer(order, attribution, latest_touch, ref),
-        code_velocity(redemptions, order.ts, velocity)
-        if redemptions is not None and attribution.method in _CODE_METHODS
-        else None,
         fast_conversion(order, attribution, ref.settings),
         customer_lookalike(order, affiliate),
         paid_search_click(attribution),

@@ -16,6 +16,7 @@ from loadtests.benchmark import (
     percentile,
     summarise_latency,
     visitors_for,
+    worker_cores,
 )
 from loadtests.generator import TrafficProfile, generate, pace, sample_reference, seconds_until_due
 from schemas.validation import encode_json
@@ -186,3 +187,8 @@ def test_pace_makes_up_a_pause_without_sleeping() -> None:
         if item == 1:
             clock.now += 0.25  # a slow send: items 2 and 3 are already due
     assert handed == [0.0, 0.1, 0.35, 0.35, 0.4]
+
+
+def test_worker_cores_add_up_every_worker_and_nothing_else() -> None:
+    assert worker_cores({"worker": 0.9, "kafka": 0.1, "benchmark": 0.05, "others": 0.02}) == 0.9
+    assert worker_cores({"worker-1": 0.8, "worker-2": 0.7, "kafka": 0.2, "clickhouse": 0.1}) == 1.5

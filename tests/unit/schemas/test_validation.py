@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.events import CHANNELS, Click, Order, OrderItem, Refund, Share, normalise_channel
+from schemas.events import CHANNELS, Click, Order, OrderItem, Refund, Share
 from schemas.reference import (
     DEFAULT_COUPON_SITES,
     Affiliate,
