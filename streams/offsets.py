@@ -207,9 +207,6 @@ class OffsetLedger:
 
     # -- what Faust may commit ---------------------------------------------------------------
 
-    def tracks(self, tp: Any) -> bool:
-        return tp in self._next
-
     def committable(self, tp: Any) -> int | None:
         return self._committable.get(tp)
 
