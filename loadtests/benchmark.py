@@ -336,12 +336,13 @@ def code_under_test() -> dict[str, Any]:
     shared, so a result means little without the code it measured."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+                              timeout=30).stdout
 
     try:
+        # Not stripped: a porcelain line starts with its two status columns, " M path".
         changed = git("status", "--porcelain", "--", *PIPELINE_PACKAGES).splitlines()
-        return {"commit": git("rev-parse", "--short=12", "HEAD"),
-                "uncommitted_pipeline_files": [line[3:] for line in changed]}
+        return {"commit": git("rev-parse", "--short=12", "HEAD").strip(),
+                "uncommitted_pipeline_files": [line[3:] for line in changed if line]}
     except (OSError, subprocess.SubprocessError) as exc:
         return {"commit": None, "error": repr(exc)}
 
