@@ -289,10 +289,11 @@ class CpuMeter:
         self.machine = machine_busy_seconds()
         self.used = {name: self._read(pid) for name, pid in self.pids.items()}
 
-    def track(self, name: str, pid: int) -> None:
-        """Count a process started during the phase (all its CPU time is the phase's)."""
-        self.pids[name] = pid
-        self.used[name] = 0.0
+    def track(self, pids: dict[str, int]) -> None:
+        """Count processes started during the phase (all their CPU time is the phase's)."""
+        for name, pid in pids.items():
+            self.pids[name] = pid
+            self.used[name] = 0.0
 
     @staticmethod
     def _read(pid: int) -> float:
@@ -463,39 +464,41 @@ class Worker:
                 kinds["Traceback"] += 1
         return {"log_lines": len(lines), "kinds": dict(kinds.most_common(keep))}
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM: it flushes and leaves the group); `wait` for it after."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> None:
+        """Until it exited; killed if it takes longer than WORKER_STOP_SECONDS."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=WORKER_STOP_SECONDS)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
 
+    def stop(self) -> None:
+        self.terminate()
+        self.wait()
+
 
 class Workers:
     """The run's `--workers` worker subprocesses: one consumer group, a state directory and a log
-    each (two workers sharing RocksDB files would corrupt each other's tables). Started together;
-    memory is the sum of their resident sets, the peak the largest single worker's."""
+    each (a RocksDB database is open in one process at a time). Started together; memory is the
+    sum of their resident sets, the peak the largest single worker's."""
 
     def __init__(self, env: dict[str, str], workdir: Path, count: int) -> None:
-        if count == 1:
-            self.members = [Worker(env, workdir / "worker.log")]
-        else:
-            self.members = [
-                Worker({**env, "ATTRIBUTION_STATE_DIR": str(workdir / "state" / f"worker-{n}")},
-                       workdir / f"worker-{n}.log")
-                for n in range(1, count + 1)
-            ]
+        #: Each member's name, in its log's name and the CPU meter: "worker", or "worker-1", ...
+        self.names = ["worker"] if count == 1 else [f"worker-{n}" for n in range(1, count + 1)]
+        self.members = [
+            Worker(env if count == 1
+                   else {**env, "ATTRIBUTION_STATE_DIR": str(workdir / "state" / name)},
+                   workdir / f"{name}.log")
+            for name in self.names
+        ]
         self.max_rss_mb = 0.0
-
-    @property
-    def names(self) -> list[str]:
-        """The CPU meter's name of each member: "worker", or "worker-1", "worker-2", ..."""
-        if len(self.members) == 1:
-            return ["worker"]
-        return [f"worker-{n}" for n in range(1, len(self.members) + 1)]
 
     @property
     def started(self) -> float:
@@ -535,11 +538,10 @@ class Workers:
                 for name, member in zip(self.names, self.members)}
 
     def stop(self) -> None:
-        for member in self.members:  # SIGTERM to all first: they leave the group together
-            if member.process is not None and member.process.poll() is None:
-                member.process.send_signal(signal.SIGTERM)
+        for member in self.members:  # all asked first: they leave the group together
+            member.terminate()
         for member in self.members:
-            member.stop()
+            member.wait()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -1151,7 +1153,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         watch = PhaseWatch("catch-up", stack, rows)
         result["catch_up"] = catch_up(
             worker, rows, expected, len(lines), args.catchup_timeout, console,
-            on_start=lambda pids: [watch.cpu.track(name, pid) for name, pid in pids.items()],
+            on_start=watch.cpu.track,
         )
         watch.finish(result["catch_up"], disturbances)
         rss, _ = worker.sample_memory()
