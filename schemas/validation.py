@@ -15,6 +15,10 @@ rules:
   absurd magnitude): `out_of_range`;
 - an optional field that is null is absent; unknown extra fields are ignored.
 
+A record value on an input topic is one event object or a JSON array of them (contract §2):
+`decode_record` parses it once and decodes every element exactly as `decode_event` decodes that
+element's own bytes, so an invalid element is rejected alone.
+
 Strings are trimmed. Money is exact: a decimal string is read by `Decimal`; a JSON number arrives
 from orjson as an int (exact) or a float, which is read as `Decimal(repr(x))`: `repr` is the
 shortest text that reads back as the same float, i.e. the literal the producer wrote whenever it
@@ -29,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any, Literal, NoReturn, cast, get_args
@@ -66,6 +71,11 @@ from .reference import (
 #: memory one message can cost the worker, and keeps a dead letter (raw bytes plus metadata) far
 #: below Kafka's default 1 MB message limit, so rejecting an event can never fail in turn.
 MAX_EVENT_BYTES = 64 * 1024
+#: Contract §2: a record on an input topic may carry a JSON array of up to this many events.
+MAX_BATCH_ELEMENTS = 10_000
+#: 16 MiB: far above what Kafka delivers by default (1 MB per record) and what 10,000 events of a
+#: typical size take; the cap bounds the parse of one record, whatever the broker allows.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 #: 10^15: `total` and amounts are stored as Decimal(18, 2) (< 10^16); no single order or price
 #: comes near a quadrillion, so a larger value is a unit error, and the head-room keeps sums of
@@ -88,6 +98,7 @@ MAX_FAST_CONVERSION_SECONDS = 86_400
 
 Reason = Literal[
     "too_large",
+    "too_many_elements",
     "not_json",
     "not_object",
     "unknown_type",
@@ -428,9 +439,7 @@ _DECODERS: dict[str, Callable[[Mapping[str, object], str, datetime], Event]] = {
 def _json_object(raw: bytes, noun: str) -> dict[str, Any]:
     """`raw` parsed as one JSON object of at most MAX_EVENT_BYTES, or `InvalidEvent`."""
     if len(raw) > MAX_EVENT_BYTES:
-        raise InvalidEvent(
-            "too_large", f"{noun} is {len(raw)} bytes, the limit is {MAX_EVENT_BYTES}"
-        )
+        raise _too_large(noun, len(raw))
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -443,13 +452,12 @@ def _json_object(raw: bytes, noun: str) -> dict[str, Any]:
     return obj
 
 
-def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
-    """The event in `raw`, or `InvalidEvent` saying why not.
+def _too_large(noun: str, size: int, limit: int = MAX_EVENT_BYTES) -> InvalidEvent:
+    return InvalidEvent("too_large", f"{noun} is {size} bytes, the limit is {limit}")
 
-    `expected_type` is the type the source topic carries; an event of another type was published
-    to the wrong topic and is rejected (`type_mismatch`) rather than processed out of its stream.
-    """
-    obj = _json_object(raw, "event")
+
+def _decode_object(obj: dict[str, Any], expected_type: str | None) -> Event:
+    """The event in one parsed JSON object, or `InvalidEvent` (see `decode_event`)."""
     event_type = obj.get("type")
     if type(event_type) is not str:
         if event_type is None:
@@ -467,6 +475,87 @@ def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
             f"a {event_type!r} event on the topic of {expected_type!r} events",
         )
     return decoder(obj, _required_str(obj, "event_id"), _timestamp(obj))
+
+
+def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
+    """The event in `raw`, or `InvalidEvent` saying why not.
+
+    `expected_type` is the type the source topic carries; an event of another type was published
+    to the wrong topic and is rejected (`type_mismatch`) rather than processed out of its stream.
+    A JSON array is not an event (`not_object`): records that may be batched go through
+    `decode_record`.
+    """
+    return _decode_object(_json_object(raw, "event"), expected_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One event of a record value, decoded or rejected (exactly one of `event`, `error`).
+
+    `raw` is this element's own JSON bytes: `orjson.dumps` of the element for an array, the record
+    value itself otherwise.
+    """
+
+    index: int | None  # position in a batched (array) record; None when the value was one object
+    raw: bytes
+    event: Event | None  # the valid event, else None
+    error: InvalidEvent | None  # why it is invalid, else None
+
+
+#: A value whose first non-blank byte opens a JSON array (blanks as JSON defines them).
+_ARRAY_START = re.compile(rb"[ \t\n\r]*\[")
+
+
+def decode_record(raw: bytes, expected_type: str) -> list[Decoded]:
+    """Every event of one record value: one object, or a JSON array of objects (parsed once).
+
+    Contract §2: each element of an array is decoded exactly as `decode_event` decodes its own
+    bytes (`orjson.dumps` of the element: the 64 KiB limit applies to them), and is rejected alone.
+    What makes the whole value unusable is one `Decoded` with index None and the value as `raw`:
+    not JSON, neither an object nor an array, more than MAX_BATCH_ELEMENTS elements, more than
+    MAX_RECORD_BYTES, or (not an array) more than MAX_EVENT_BYTES. An empty array has no events.
+    """
+    size = len(raw)
+    if size > MAX_EVENT_BYTES and (size > MAX_RECORD_BYTES or _ARRAY_START.match(raw) is None):
+        # Rejected unparsed, like decode_event: the size bounds what a record can cost.
+        noun = "event" if size <= MAX_RECORD_BYTES else "record"
+        limit = MAX_EVENT_BYTES if size <= MAX_RECORD_BYTES else MAX_RECORD_BYTES
+        return [Decoded(None, raw, None, _too_large(noun, size, limit))]
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return [Decoded(None, raw, None, InvalidEvent("not_json", f"not valid UTF-8 JSON: {exc}"))]
+    if type(value) is dict:
+        try:
+            return [Decoded(None, raw, _decode_object(value, expected_type), None)]
+        except InvalidEvent as exc:
+            return [Decoded(None, raw, None, exc)]
+    if type(value) is not list:
+        return [Decoded(None, raw, None, InvalidEvent(
+            "not_object",
+            f"a record must be an event object or an array of them, got {_json_type(value)}",
+        ))]
+    if len(value) > MAX_BATCH_ELEMENTS:
+        return [Decoded(None, raw, None, InvalidEvent(
+            "too_many_elements",
+            f"the array has {len(value)} elements, the limit is {MAX_BATCH_ELEMENTS}",
+        ))]
+    decoded: list[Decoded] = []
+    append = decoded.append
+    dumps = orjson.dumps
+    for index, element in enumerate(value):
+        element_raw = dumps(element)
+        try:
+            if len(element_raw) > MAX_EVENT_BYTES:
+                raise _too_large("event", len(element_raw))
+            if type(element) is not dict:
+                raise InvalidEvent(
+                    "not_object", f"an event must be a JSON object, got {_json_type(element)}"
+                )
+            append(Decoded(index, element_raw, _decode_object(element, expected_type), None))
+        except InvalidEvent as exc:
+            append(Decoded(index, element_raw, None, exc))
+    return decoded
 
 
 def decode_review(raw: bytes) -> Review:
