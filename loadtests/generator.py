@@ -15,12 +15,18 @@ events, byte for byte. Events come out lazily in non-decreasing `ts` order. What
 is one small record per visitor who will come back, the events of journeys under way (minutes to
 hours ahead, refunds up to two days), and one record per sharing affiliate; never the stream.
 
+A backlog can be given a *shape* (`arrange`, `SHAPES`): the order its events are published in,
+or how its visitors spread over partitions. And a profile can be sized by events and by the share
+of orders in them (`plan_profile`), for order-heavy backlogs.
+
 This module must never import streams, sinks or attribution code: it makes input, it does not
 know how input is judged. It does no I/O but `write_jsonl` and the command line at the end, which
 imports the project's config and publisher only when asked to publish:
 
     python -m loadtests.generator --visitors 20000 [--seed 42] --out day.jsonl
     python -m loadtests.generator --visitors 20000 --publish --rate 500    # env: TOPIC_PREFIX ...
+    python -m loadtests.generator --events 300000 --order-share 0.2 --shape topic-by-topic \
+        --out backlog.jsonl
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, TypeVar
 
@@ -311,6 +318,207 @@ def pace(
         if wait > 0:
             sleep(wait)
         yield item
+
+
+# --- shapes of a backlog -------------------------------------------------------------------------
+
+#: The shapes `arrange` gives a backlog:
+#: - ``interleaved``: as generated, every topic in `ts` order together (a live shop's traffic);
+#: - ``topic-by-topic``: every click and share, then every order, then every refund (a backlog
+#:   loaded one export file at a time);
+#: - ``orders-first``: every order, then every click and share, then every refund;
+#: - ``hot-partition``: interleaved, but about `HOT_SHARE` of the visitors (so of their clicks
+#:   and orders, which are keyed by visitor) land on partition 0 (`HOT_PARTITION`) and the
+#:   others on the other partitions.
+SHAPES: tuple[str, ...] = ("interleaved", "topic-by-topic", "orders-first", "hot-partition")
+#: The partitions the project's topics get by default (`ATTRIBUTION_PARTITIONS`).
+DEFAULT_PARTITIONS = 8
+HOT_PARTITION = 0
+HOT_SHARE = 0.8
+#: Events of a type, by shape: the order in which the types are published (types in one group
+#: keep their generated, time-ordered interleaving).
+_TYPE_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "topic-by-topic": (("click", "share"), ("order",), ("refund",)),
+    "orders-first": (("order",), ("click", "share"), ("refund",)),
+}
+
+
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java's, and kafka-python's
+    `DefaultPartitioner`, which `attribution produce` uses) gives a record with `key`."""
+    from kafka.partitioner.default import murmur2  # pure Python; imported only when needed
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def is_hot_visitor(visitor_id: str, hot_share: float = HOT_SHARE) -> bool:
+    """Whether `hot-partition` puts this visitor on the hot partition: a fixed function of the id
+    (CRC-32 below `hot_share` of its range), so every event of a visitor agrees."""
+    return zlib.crc32(visitor_id.encode()) < hot_share * 2**32
+
+
+def hot_visitor_id(
+    visitor_id: str, partitions: int, hot_share: float = HOT_SHARE
+) -> str:
+    """The id a visitor gets in the `hot-partition` shape: itself when it already hashes to where
+    the visitor belongs (the hot partition, or any other one for the rest), else the first of
+    ``<id>-k1``, ``<id>-k2``, ... that does. Distinct ids stay distinct (the suffix cannot make one
+    id into another: generated ids never end in ``-k<n>``)."""
+    if partitions < 2:
+        return visitor_id
+    hot = is_hot_visitor(visitor_id, hot_share)
+    candidate = visitor_id
+    for n in itertools.count(1):
+        if (kafka_partition(candidate.encode(), partitions) == HOT_PARTITION) == hot:
+            return candidate
+        candidate = f"{visitor_id}-k{n}"
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
+
+
+def arrange(
+    events: Iterable[EventJson],
+    shape: str,
+    *,
+    partitions: int = DEFAULT_PARTITIONS,
+    hot_share: float = HOT_SHARE,
+) -> Iterator[EventJson]:
+    """`events` (as `generate` makes them) in the order, or with the keys, of `shape` (`SHAPES`).
+
+    ``interleaved`` and ``hot-partition`` stream; the reordering shapes hold the events in memory
+    (a backlog is a list anyway). ``hot-partition`` renames visitors (`hot_visitor_id`, consistently
+    in clicks and orders, which are keyed by `visitor_id`), for a topic of `partitions` partitions;
+    renaming changes no attribution, flag or amount, only which partition a visitor lands on.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    if not 0.0 <= hot_share <= 1.0:
+        raise ValueError(f"hot_share must be between 0 and 1, got {hot_share}")
+    if shape == "interleaved":
+        yield from events
+    elif shape == "hot-partition":
+        renamed: dict[str, str] = {}
+        for event in events:
+            visitor_id = event.get("visitor_id")
+            if isinstance(visitor_id, str):
+                new_id = renamed.get(visitor_id)
+                if new_id is None:
+                    new_id = renamed[visitor_id] = hot_visitor_id(
+                        visitor_id, partitions, hot_share
+                    )
+                if new_id != visitor_id:
+                    event = {**event, "visitor_id": new_id}
+            yield event
+    else:
+        groups = _TYPE_GROUPS[shape]
+        held: list[list[EventJson]] = [[] for _ in groups]
+        group_of = {kind: n for n, kinds in enumerate(groups) for kind in kinds}
+        for event in events:
+            held[group_of[event["type"]]].append(event)
+        for group in held:
+            yield from group
+
+
+# --- sizing a profile by events and order share --------------------------------------------------
+
+#: Visitors of the pilot run that `plan_profile` measures the profile's traffic with.
+PLAN_PILOT_VISITORS = 5_000
+
+
+@dataclass(frozen=True)
+class _PerVisitor:
+    """What a pilot day of a profile shows, per visitor and as constants."""
+
+    clicks: float  # events per visitor that do not depend on the conversion rate
+    orders: float  # orders per visitor at conversion rate 1
+    refunds_per_order: float
+    constant_events: int  # shares and the planted visitors' events: independent of visitors
+    constant_orders: int  # the planted orders
+
+
+def _measure(reference: Mapping[str, Any], profile: TrafficProfile) -> _PerVisitor:
+    pilot = replace(profile, visitors=PLAN_PILOT_VISITORS, conversion_rate=1.0)
+    clicks = orders = refunds = constant_events = constant_orders = 0
+    for event in generate(reference, pilot):
+        kind = event["type"]
+        planted = str(event.get("visitor_id", "")).startswith("p-")
+        if kind == "share" or planted:
+            constant_events += 1
+            constant_orders += kind == "order"
+        elif kind == "click":
+            clicks += 1
+        elif kind == "order":
+            orders += 1
+        else:
+            refunds += 1
+    return _PerVisitor(
+        clicks=clicks / PLAN_PILOT_VISITORS,
+        orders=orders / PLAN_PILOT_VISITORS,
+        refunds_per_order=refunds / max(1, orders),
+        constant_events=constant_events,
+        constant_orders=constant_orders,
+    )
+
+
+def plan_profile(
+    reference: Mapping[str, Any],
+    *,
+    events: int | None = None,
+    visitors: int | None = None,
+    order_share: float | None = None,
+    **fields: Any,
+) -> TrafficProfile:
+    """A `TrafficProfile` (the other `fields` as given) sized by `events` or `visitors`, whose
+    events are about `order_share` orders (by count, refunds and duplicates included in the
+    total) when it is given; otherwise the profile's `conversion_rate` is kept.
+
+    One pilot day of `PLAN_PILOT_VISITORS` visitors (a fraction of a second) measures clicks and
+    orders per visitor; the conversion rate and visitor count follow from them. The result is
+    approximate (within a few per cent of `events` and of `order_share`): `events` is the size
+    of the backlog to aim at, not a bound. `ValueError` when the share cannot be reached: with
+    every visitor buying, orders are about 30 % of this generator's events.
+    """
+    if (events is None) == (visitors is None):
+        raise ValueError("give exactly one of events and visitors")
+    if events is not None and events < 1:
+        raise ValueError(f"events must be >= 1, got {events}")
+    if order_share is not None and not 0.0 < order_share < 1.0:
+        raise ValueError(f"order_share must be between 0 and 1 (exclusive), got {order_share}")
+    base = TrafficProfile(**fields)
+    m = _measure(reference, base)
+    growth = 1 + m.refunds_per_order  # every order brings this many events (itself, refunds)
+    if order_share is None:
+        conversion = base.conversion_rate
+        if visitors is None:
+            assert events is not None
+            per_visitor = m.clicks + conversion * m.orders * growth
+            visitors = max(1, math.ceil((events - m.constant_events) / per_visitor))
+        return replace(base, visitors=visitors)
+    s = order_share
+    if visitors is None:
+        assert events is not None
+        # N visitors, conversion c: N (clicks + c orders growth) + constants = events, and
+        # N c orders + planted orders = s events.
+        regular_orders = s * events - m.constant_orders
+        visitors = max(1, math.ceil(
+            (events - m.constant_events - regular_orders * growth) / m.clicks
+        ))
+    else:
+        regular_orders = (
+            s * (visitors * m.clicks + m.constant_events) - m.constant_orders
+        ) / (1 - s * growth)
+    most = (visitors * m.orders + m.constant_orders) / (
+        visitors * (m.clicks + m.orders * growth) + m.constant_events
+    )
+    conversion = regular_orders / (visitors * m.orders) if visitors and m.orders else -1.0
+    if not 0.0 <= conversion <= 1.0 or regular_orders < 0:
+        raise ValueError(
+            f"order_share {s} cannot be reached with this profile and {visitors} visitors: "
+            f"orders are at most about {most:.1%} of the events (every visitor buying), and at "
+            f"least the {m.constant_orders} planted orders (turn planting off for fewer)"
+        )
+    return replace(base, visitors=visitors, conversion_rate=conversion)
 
 
 # --- the generator -------------------------------------------------------------------------------
@@ -837,9 +1045,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "write it as JSONL, or publish it to Kafka at a fixed rate (env KAFKA_BOOTSTRAP, "
         "TOPIC_PREFIX, like every attribution command).",
     )
-    parser.add_argument("--visitors", type=int, required=True, help="visitors in the day")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--visitors", type=int, help="visitors in the day")
+    size.add_argument("--events", type=int,
+                      help="about this many events (visitors are chosen to match)")
     parser.add_argument("--seed", type=int, default=TrafficProfile.seed,
                         help="random seed; ids embed it, so two seeds never share an id")
+    parser.add_argument("--order-share", type=float, metavar="SHARE",
+                        help="make about SHARE of the events orders (e.g. 0.2 for an order-heavy "
+                        "backlog; at most about 0.3); default: 3 %% of visitors buy (~1.5 %% orders)")
+    parser.add_argument("--shape", choices=SHAPES, default="interleaved",
+                        help="interleaved (default: every topic in time order together), "
+                        "topic-by-topic (all clicks and shares, then all orders, then all "
+                        "refunds), orders-first (orders, then clicks and shares, then refunds), "
+                        f"hot-partition (about {HOT_SHARE * 100:.0f} %% of the visitors keyed to partition "
+                        f"{HOT_PARTITION})")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="with --shape hot-partition: partitions of the input topics "
+                        "(default: $ATTRIBUTION_PARTITIONS, else 8)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", metavar="FILE.jsonl", help="write the events to FILE.jsonl")
     target.add_argument("--publish", action="store_true",
@@ -855,15 +1078,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--publish needs --rate EVENTS_PER_S > 0")
     if not args.publish and (args.rate is not None or args.load_reference):
         parser.error("--rate and --load-reference go with --publish")
+    reference = sample_reference()
+    partitions = args.partitions or int(
+        os.environ.get("ATTRIBUTION_PARTITIONS") or DEFAULT_PARTITIONS
+    )
     try:
-        profile = TrafficProfile(visitors=args.visitors, seed=args.seed)
+        profile = plan_profile(reference, events=args.events, visitors=args.visitors,
+                               order_share=args.order_share, seed=args.seed)
+        if partitions < 1:
+            raise ValueError(f"--partitions must be >= 1, got {partitions}")
     except ValueError as exc:
         parser.error(str(exc))
-    reference = sample_reference()
     if args.reference:
         with open(args.reference, "wb") as out:
             out.write(orjson.dumps(reference, option=orjson.OPT_INDENT_2) + b"\n")
-    events = generate(reference, profile)
+    print(f"{profile.visitors} visitors, conversion rate {profile.conversion_rate:.4f}, "
+          f"shape {args.shape}", file=sys.stderr)
+    events = arrange(generate(reference, profile), args.shape, partitions=partitions)
     if args.out:
         count = write_jsonl(events, args.out)
         print(f"wrote {count} events to {args.out}", file=sys.stderr)
