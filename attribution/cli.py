@@ -21,6 +21,7 @@ from rich.table import Table
 
 from attribution.progress import progress_bar
 from schemas.config import Config
+from schemas.validation import MAX_BATCH_ELEMENTS
 
 app = typer.Typer(
     help="Real-time affiliate attribution: Kafka -> Faust -> ClickHouse commission ledger.",
@@ -117,7 +118,10 @@ def db_migrate() -> None:
 def load_reference(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Reference JSON (contract §3)."),
 ) -> None:
-    """Validate programs, affiliates and settings, then publish them to the reference topics."""
+    """Validate programs, affiliates and settings, then publish them to the reference topics.
+
+    Exits 2 on an invalid file, 1 if the broker did not acknowledge every record sent.
+    """
     from schemas.validation import InvalidReference, parse_reference_document
     from streams.publish import publish_reference
     from streams.topics import ensure_topics
@@ -129,6 +133,9 @@ def load_reference(
         raise fail(f"{file}: {exc}", 2) from exc
     ensure_topics(config, progress=lambda line: console.print(line))
     counts = publish_reference(config, programs, affiliates, settings)
+    records = counts["programs"] + counts["affiliates"] + counts["settings"]
+    if counts["unacknowledged"]:
+        raise fail(_not_acknowledged(counts["unacknowledged"], records))
     typer.echo(
         f"published {counts['programs']} programs, {counts['affiliates']} affiliates, "
         f"{counts['settings']} settings to {config.topic('ref-*')}"
@@ -138,8 +145,20 @@ def load_reference(
 @app.command("produce")
 def produce(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Events, one JSON object per line."),
+    batch: Optional[int] = typer.Option(
+        None, "--batch", min=1, max=MAX_BATCH_ELEMENTS, metavar="N",
+        help="Send batched records: JSON arrays of up to N events (at most 10,000, and under "
+             "1 MB per record), grouped by topic and by the partition of their key.",
+    ),
 ) -> None:
-    """Publish events to the topic of their `type` (keyed by visitor_id; refunds by order_id)."""
+    """Publish events to the topic of their `type`: one record per event, or batched records.
+
+    Keys: clicks and orders by visitor_id, refunds by order_id, shares by affiliate_id.
+
+    Lines that cannot be routed are skipped and counted.
+
+    Exits 1, naming the count, if the broker did not acknowledge every record sent.
+    """
     from streams.publish import produce_lines
     from streams.topics import ensure_topics
 
@@ -147,12 +166,24 @@ def produce(
     ensure_topics(config, progress=lambda line: console.print(line))
     with file.open("rb") as handle, progress_bar(console, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("producing", total=_count_lines(file))
-        summary = produce_lines(config, handle, on_line=lambda n: progress.advance(task, n))
+        summary = produce_lines(config, handle, on_line=lambda n: progress.advance(task, n),
+                                batch=batch)
     for topic, count in sorted(summary.sent.items()):
-        typer.echo(f"sent {count:>9} to {config.topic(topic)}")
+        records = f" in {summary.records[topic]} records" if batch is not None else ""
+        typer.echo(f"sent {count:>9} to {config.topic(topic)}{records}")
     for reason, count in sorted(summary.skipped.items()):
         typer.echo(f"skipped {count:>6} lines: {reason}")
-    typer.echo(f"total sent {summary.total_sent}, skipped {sum(summary.skipped.values())}")
+    in_records = f" in {summary.total_records} records" if batch is not None else ""
+    typer.echo(f"total sent {summary.total_sent}{in_records}, "
+               f"skipped {sum(summary.skipped.values())}")
+    if summary.unacknowledged:
+        events = (f" ({summary.unacknowledged_events} of {summary.total_sent} events)"
+                  if batch is not None else "")
+        raise fail(_not_acknowledged(summary.unacknowledged, summary.total_records) + events)
+
+
+def _not_acknowledged(count: int, records: int) -> str:
+    return f"{count} of {records} records were not acknowledged by the broker"
 
 
 # --- worker and report ---------------------------------------------------------------------
@@ -282,6 +313,8 @@ def review(
 
     The worker applies it to the ledger and records it in the `reviews` table with its outcome
     (only held orders can be reviewed; any other decision is recorded as ignored).
+
+    Exits 1 if the broker did not acknowledge the decision.
     """
     from datetime import datetime, timezone
     from uuid import uuid4
@@ -300,7 +333,8 @@ def review(
         decision="release" if release else "reject", reviewer=reviewer.strip(), note=note,
     )
     ensure_topics(config, progress=lambda line: console.print(line))
-    publish_review(config, decision)
+    if publish_review(config, decision):
+        raise fail(_not_acknowledged(1, 1))
     typer.echo(f"published {decision.decision} of order {order_id} by {decision.reviewer}"
                f" ({decision.event_id}) to {config.topic('reviews')}")
 
