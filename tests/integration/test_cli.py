@@ -88,3 +88,54 @@ def test_demo_runs_end_to_end_and_codes_names_the_planted_leak_first(isolated):
     # The generator leaks aff-002's code to a coupon site: 40 strangers in 30 minutes.
     assert leaked[0]["discount_code"] == "AFF002SAVE" and leaked[0]["affiliate_id"] == "aff-002"
     assert int(leaked[0]["velocity_flagged"]) > 0 and leaked[0]["coupon_sites"] == "retailmenot.com"
+
+
+#: The console script with topic creation switched off, so that its sends meet topics the broker
+#: does not have (it runs with auto-create off).
+WITHOUT_TOPIC_CREATION = (
+    "import sys, streams.topics\n"
+    "streams.topics.ensure_topics = lambda config, progress=None: []\n"
+    "from attribution.cli import main\n"
+    "sys.argv[0] = 'attribution'\n"
+    "main()\n"
+)
+
+
+def test_commands_exit_non_zero_naming_the_count_when_the_broker_does_not_acknowledge(
+    stack, tmp_path
+):
+    """Contract §1: load-reference, produce and review, against topics that do not exist."""
+    import os
+    import time
+    import uuid
+
+    env = dict(os.environ, KAFKA_BOOTSTRAP=stack.kafka_bootstrap,
+               TOPIC_PREFIX=f"missing{uuid.uuid4().hex[:8]}.")
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(
+        f'{{"event_id":"c{n}","type":"click","ts":"2026-11-02T10:00:00Z","visitor_id":"v{n}",'
+        f'"session_id":"s","affiliate_id":"sally"}}\n' for n in range(3)
+    ) + "not json\n")
+    programs_only = tmp_path / "programs.json"
+    programs_only.write_text('{"programs": [{"program_id": "p", "kind": "affiliate",'
+                             ' "commission": {"type": "percent", "rate": "0.10"}}]}')
+    commands = {
+        "produce": (["produce", str(events)], "3 of 3 records"),
+        "produce --batch": (["produce", str(events), "--batch", "2"],
+                            "2 of 2 records were not acknowledged by the broker (3 of 3 events)"),
+        "load-reference": (["load-reference", str(programs_only)], "1 of 1 records"),
+        "review": (["review", "o1", "--release", "--reviewer", "ann"], "1 of 1 records"),
+    }
+    started = time.monotonic()
+    running = {name: subprocess.Popen([sys.executable, "-c", WITHOUT_TOPIC_CREATION, *args],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+               for name, (args, _) in commands.items()}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=120)
+        message = stderr.replace("\n", "")
+        assert process.returncode == 1, f"{name}: {stdout}{stderr}"
+        assert f"error: {commands[name][1]}" in message, f"{name}: {stderr}"
+        assert "not acknowledged by the broker" in message
+        assert "published" not in stdout, name  # it never claims what did not happen
+    assert time.monotonic() - started < 60  # a missing topic costs max_block_ms (10 s), not 60 s
