@@ -31,8 +31,10 @@ INVALID: list[tuple[str, bytes, str]] = [
     ("shares", orjson.dumps(click(901)), "type_mismatch"),
     ("refunds", orjson.dumps({"event_id": "r1", "type": "refund", "ts": "2026-11-02T10:00:00Z",
                               "order_id": "o1", "amount": True}), "wrong_type"),
-    ("clicks", b"[1, 2]", "not_object"),
 ]
+#: A batched record (contract §2 v2) whose two elements are not objects: one dead letter each,
+#: holding the element's own bytes and its index in the header `element`.
+ARRAY_OF_NON_OBJECTS = b"[1, 2]"
 
 
 def test_valid_clicks_and_shares_land_once_and_invalid_events_go_to_dead_letters(isolated):
@@ -47,6 +49,7 @@ def test_valid_clicks_and_shares_land_once_and_invalid_events_go_to_dead_letters
         producer.send(config.topic("shares"), key=b"aff1", value=orjson.dumps(event))
     for topic, raw, _ in INVALID:
         producer.send(config.topic(topic), key=b"k", value=raw)
+    producer.send(config.topic("clicks"), key=b"k", value=ARRAY_OF_NON_OBJECTS)
     producer.flush()
 
     isolated.worker().start()
@@ -60,9 +63,12 @@ def test_valid_clicks_and_shares_land_once_and_invalid_events_go_to_dead_letters
     assert rows == [("instagram", "2026-11-02 09:00:00", "t.co")]
     assert isolated.query("SELECT channel FROM {db}.clicks FINAL WHERE event_id = 'c2'") == [("other",)]
 
-    dead = read_all(config.kafka_bootstrap, config.topic("dead-letters"), len(INVALID))
+    dead = read_all(config.kafka_bootstrap, config.topic("dead-letters"), len(INVALID) + 2)
     reasons = sorted(dict(m.headers)["reason"].decode() for m in dead)
-    assert reasons == sorted(reason for _, _, reason in INVALID)
+    assert reasons == sorted([reason for _, _, reason in INVALID] + ["not_object"] * 2)
+    elements = {m.value: dict(m.headers) for m in dead if "element" in dict(m.headers)}
+    assert {value: h["element"] for value, h in elements.items()} == {b"1": b"0", b"2": b"1"}
+    assert all(h["reason"] == b"not_object" for h in elements.values())
     by_value = {m.value: m for m in dead}
     for topic, raw, reason in INVALID:
         message = by_value[raw]  # raw bytes kept exactly

@@ -1,0 +1,621 @@
+"""The hot path: one consumer, one pass per event, one commit path.
+
+Every input and internal topic has the same partition count and is read by one consumer group
+with the range assignor, so partition p of every topic belongs to one worker: the visitor join
+runs on `clicks`/p and `orders`/p themselves (producers key both by visitor_id), a code's uses
+meet in `code-events`/p, an order's ledger lives in `ledger-events`/p beside `refunds`/p and
+`reviews`/p. Only an event in the wrong partition takes a hop (to `visitor-events` or
+`ledger-events`, keyed right).
+
+One batch, in `Engine.process`, is: decode and validate -> decide (the pure stages) -> effects
+in this order: ClickHouse rows, records to Kafka (forwards, dead letters, flags; all
+acknowledged), changelogs (acknowledged), RocksDB, then the offsets. A crash anywhere replays the
+batch; every effect is idempotent (deterministic row ids, first decision wins, dedup by id).
+
+**Orders wait locally** (Kafka Streams' stream-time synchronisation, KIP-353): an order is
+decided once this worker has read its own `clicks` partition, and its `visitor-events`
+partition, up to the end offsets they had just after the order was read. Nothing else is
+waited for, so no backlog shape can deadlock the worker. Orders waiting are not committed; the
+`orders` partition is paused while too many wait.
+
+**Rebalances are structural**: the rebalance listener takes the same lock as a batch, so a
+batch runs to its commit before partitions are revoked; a batch fetched before a rebalance is
+dropped unprocessed (its records are read again from the committed offsets). Revoked partitions'
+stages, waiting orders and stores are closed; assigned ones are restored from their changelogs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.partitioner import murmur2
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from schemas.config import (
+    ABUSE_FLAGS_TOPIC,
+    CODE_EVENTS_TOPIC,
+    DEAD_LETTERS_TOPIC,
+    LEDGER_EVENTS_TOPIC,
+    REVIEWS_TOPIC,
+    VISITOR_EVENTS_TOPIC,
+    Config,
+)
+from schemas.events import Click, Order, Refund, Review, Share
+from schemas.validation import InvalidEvent, decode_event, decode_record, decode_review
+from sinks.clickhouse import RowSink
+from sinks.metrics import METRICS
+from sinks.rows import TABLES, share_row
+
+from .effects import ABUSE, CODE, DEAD, LEDGER, VISITOR, DeadLetter, Effects
+from .stages import Approvals, CodeStage, LedgerStage, VisitorStage, progress_item
+from .state import PartitionStore, Staged
+
+log = logging.getLogger(__name__)
+
+#: Store names (and their changelog topics `<app id>-<store>-changelog`).
+TOUCHES, LEDGERS, CODES = "touches", "order-ledgers", "code-redemptions"
+#: Pause an orders partition while this many of its orders wait for their clicks (memory bound),
+#: resume below half of it.
+MAX_WAITING_ORDERS = 20_000
+#: Records per poll at most (ATTRIBUTION_BATCH_SIZE may lower it): one batch. Bigger batches cost
+#: latency, smaller ones per-batch overhead (a ClickHouse insert, a produce round trip and a
+#: commit per batch).
+MAX_POLL_RECORDS = 2_000
+#: How long the broker may hold a fetch for more data (aiokafka's default 500 ms would be
+#: added to every hop of an order's way).
+FETCH_MAX_WAIT_MS = 50
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """Kafka's default partition for `key` (the Java client's murmur2, positive)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+@dataclass
+class WaitingOrder:
+    offset: int
+    order: Order
+    timestamp_ms: int | None
+    #: (clicks end, visitor-events end) of the order's partition, read after the order was.
+    clicks_end: int = -1
+    visitor_end: int = -1
+    orders_end: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class PartitionState:
+    """Everything this worker holds for partition p of every topic while it owns it."""
+
+    partition: int
+    stores: dict[str, PartitionStore]
+    code_stage: CodeStage
+    waiting: dict[str, deque[WaitingOrder]] = field(
+        default_factory=lambda: {"orders": deque(), "visitor": deque()})
+    progress_sent: int | None = None
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+
+class Engine:
+    def __init__(self, config: Config, reference: Any) -> None:
+        self.config = config
+        self.reference = reference
+        self.n = config.partitions
+        t = config.topic
+        self.topics = {
+            "clicks": t("clicks"), "shares": t("shares"), "orders": t("orders"),
+            "refunds": t("refunds"), "reviews": t(REVIEWS_TOPIC),
+            VISITOR: t(VISITOR_EVENTS_TOPIC), CODE: t(CODE_EVENTS_TOPIC),
+            LEDGER: t(LEDGER_EVENTS_TOPIC),
+        }
+        self.kind_of = {name: kind for kind, name in self.topics.items()}
+        self.out_topics = {VISITOR: t(VISITOR_EVENTS_TOPIC), CODE: t(CODE_EVENTS_TOPIC),
+                           LEDGER: t(LEDGER_EVENTS_TOPIC), ABUSE: t(ABUSE_FLAGS_TOPIC),
+                           DEAD: t(DEAD_LETTERS_TOPIC)}
+        self.state_dir = Path(config.state_dir).resolve() / config.app_id
+        self.lock = asyncio.Lock()
+        self.generation = 0
+        self.partitions: dict[int, PartitionState] = {}
+        self.approvals = Approvals()
+        self.sink = RowSink(config.clickhouse, TABLES)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.restorer: AIOKafkaConsumer | None = None
+        self._committed: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
+        self.max_records = min(config.batch_size, MAX_POLL_RECORDS)
+        self._to_open: set[int] = set()
+        self._assignment_changed = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        bootstrap = self.config.kafka_bootstrap
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+            max_request_size=16 * 1024 * 1024, client_id=f"{self.config.app_id}-producer",
+        )
+        await self.producer.start()
+        self.restorer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+            client_id=f"{self.config.app_id}-restore", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await self.restorer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=self.config.app_id,
+            client_id=f"{self.config.app_id}-worker",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_records=self.max_records, fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # 10 s: after a crash the group waits this long for the dead member.
+            session_timeout_ms=10_000, heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=600_000,
+        )
+        self.consumer.subscribe(list(self.topics.values()), listener=_Listener(self))
+        await self.consumer.start()
+        try:
+            while not stopping.is_set():
+                generation = self.generation
+                batch = await self.consumer.getmany(
+                    timeout_ms=int(self.config.batch_seconds * 1000), max_records=self.max_records)
+                async with self.lock:
+                    if stopping.is_set():
+                        break
+                    if generation != self.generation:
+                        await self._rewind(batch)
+                        continue
+                    if self._assignment_changed:
+                        await self._open_assigned()
+                    await self.process(batch)
+        finally:
+            await self._stop()
+
+    async def _rewind(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """A batch fetched across a rebalance is not processed: its partitions that are still
+        ours go back to their committed offsets (the fetch may have moved them past records that
+        nobody processed)."""
+        assert self.consumer is not None
+        owned = self.consumer.assignment()
+        for tp in batch:
+            if tp not in owned:
+                continue
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+        METRICS.batches_dropped.labels("engine").inc()
+        log.info("a batch fetched across a rebalance was dropped; its partitions re-read from "
+                 "their committed offsets")
+
+    async def _stop(self) -> None:
+        async with self.lock:
+            self.generation += 1
+            for state in self.partitions.values():
+                state.close()
+            self.partitions.clear()
+        for client in (self.consumer, self.restorer):
+            if client is not None:
+                await client.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+        await asyncio.to_thread(self.sink.close)
+
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:  # after the batch in flight has committed
+            self.generation += 1
+            gone = {tp.partition for tp in revoked} & set(self.partitions)
+            for p in gone:
+                self.partitions.pop(p).close()
+            self.approvals.forget(gone)
+            self._committed = {tp: o for tp, o in self._committed.items() if tp.partition not in gone}
+            self._paused -= {tp for tp in self._paused if tp.partition in gone}
+            if gone:
+                log.info("partitions %s revoked", sorted(gone))
+
+    async def assigned(self, assigned: set[TopicPartition]) -> None:
+        """Only note the partitions: they are restored by the main loop, outside the rebalance
+        (the group waits for a member's listener, and heartbeats pause while it runs)."""
+        async with self.lock:
+            self.generation += 1
+            self._to_open = {tp.partition for tp in assigned} - set(self.partitions)
+            self._assignment_changed = True
+
+    async def _open_assigned(self) -> None:
+        """Restore the stores of newly assigned partitions from their changelogs, together."""
+        new = sorted(self._to_open)
+        self._to_open, self._assignment_changed = set(), False
+        if new:
+            stores = {(name, p): PartitionStore(self.state_dir / f"{name}-{p}")
+                      for p in new for name in (TOUCHES, LEDGERS, CODES)}
+            await self._restore(stores)
+            for p in new:
+                mine = {name: stores[(name, p)] for name in (TOUCHES, LEDGERS, CODES)}
+                ledger = LedgerStage(p, Staged(mine[LEDGERS]), self.approvals)
+                indexed = ledger.index_pending()
+                if indexed:
+                    log.info("ledger partition %d: %d pending orders indexed for approval", p, indexed)
+                self.partitions[p] = PartitionState(p, mine, CodeStage(Staged(mine[CODES])))
+        # Tests and operators read this line: partition p of every topic is this worker's.
+        log.info("assignment: partitions %s of every topic (%d restored)",
+                 sorted(self.partitions), len(new))
+
+    async def _restore(self, stores: dict[tuple[str, int], PartitionStore]) -> None:
+        assert self.restorer is not None
+        tps = {TopicPartition(self.config.changelog_topic(name), p): store
+               for (name, p), store in stores.items()}
+        starts = await self.restorer.beginning_offsets(list(tps))
+        ends = await self.restorer.end_offsets(list(tps))
+        positions: dict[TopicPartition, int] = {}
+        for tp, store in tps.items():
+            checkpoint = store.checkpoint()
+            if checkpoint > ends[tp] or 0 < checkpoint < starts[tp]:
+                log.warning("state %s is not from this changelog (checkpoint %d, log %d-%d): "
+                            "rebuilding it", store.directory, checkpoint, starts[tp], ends[tp])
+                store.wipe()
+                checkpoint = 0
+            if max(checkpoint, starts[tp]) < ends[tp]:
+                positions[tp] = max(checkpoint, starts[tp])
+        if not positions:
+            return
+        started = time.monotonic()
+        self.restorer.assign(list(positions))
+        for tp, position in positions.items():
+            self.restorer.seek(tp, position)
+        restored = 0
+        remaining = set(positions)
+        while remaining:
+            batches = await self.restorer.getmany(*remaining, timeout_ms=500, max_records=20_000)
+            for tp, records in batches.items():
+                writes: dict[bytes, bytes | None] = {}
+                for record in records:
+                    if record.offset < ends[tp] and record.key is not None:
+                        writes[record.key] = record.value
+                restored += len(writes)
+                tps[tp].write(writes)
+            for tp in list(remaining):
+                if await self.restorer.position(tp) >= ends[tp]:
+                    tps[tp].write({}, ends[tp])
+                    remaining.discard(tp)
+        self.restorer.unsubscribe()
+        log.info("restored %d state records of %d store partitions in %.1fs",
+                 restored, len(positions), time.monotonic() - started)
+
+    # --- one batch ------------------------------------------------------------------------
+
+    async def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        ref = self.reference.snapshot
+        effects = Effects()
+        owned = self.partitions
+        staged = {p: {name: Staged(s) for name, s in state.stores.items()}
+                  for p, state in owned.items()}
+        visitors = {p: VisitorStage(staged[p][TOUCHES]) for p in owned}
+        ledgers = {p: LedgerStage(p, staged[p][LEDGERS], self.approvals) for p in owned}
+        for p, state in owned.items():
+            state.code_stage.store = staged[p][CODES]
+            state.code_stage._uses.clear()
+        by_kind: dict[str, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        for tp, records in batch.items():
+            if tp.partition in owned and records:
+                by_kind[self.kind_of[tp.topic]].append((tp, records))
+                METRICS.events_consumed.labels(self.kind_of[tp.topic]).inc(len(records))
+
+        # Clicks first (raw, and those that hopped), so orders of this batch can see them.
+        new_waiting: list[tuple[int, WaitingOrder]] = []
+        for tp, records in by_kind["clicks"]:
+            for record in records:
+                for event, raw in self._decode_elements(record, tp, "click", effects):
+                    assert isinstance(event, Click)
+                    key = event.visitor_id.encode()
+                    if partition_of(key, self.n) != tp.partition:
+                        effects.forward(VISITOR, key, raw, record.timestamp)
+                    else:
+                        self._click(event, tp.partition, record, visitors, ref, effects)
+        for tp, records in by_kind[VISITOR]:
+            for record in records:
+                for item in orjson.loads(record.value):
+                    event = decode_event(orjson.dumps(item))
+                    if isinstance(event, Click):
+                        self._click(event, tp.partition, record, visitors, ref, effects)
+                    elif isinstance(event, Order):
+                        waiting = WaitingOrder(record.offset, event, record.timestamp)
+                        owned[tp.partition].waiting["visitor"].append(waiting)
+                        new_waiting.append((tp.partition, waiting))
+        for tp, records in by_kind["shares"]:
+            for record in records:
+                for event in self._decode(record, tp, "share", effects):
+                    assert isinstance(event, Share)
+                    effects.row("shares", share_row(event))
+        for tp, records in by_kind["orders"]:
+            for record in records:
+                for event, raw in self._decode_elements(record, tp, "order", effects):
+                    assert isinstance(event, Order)
+                    key = event.visitor_id.encode()
+                    if partition_of(key, self.n) != tp.partition:
+                        effects.forward(VISITOR, key, raw, record.timestamp)
+                        continue
+                    waiting = WaitingOrder(record.offset, event, record.timestamp)
+                    owned[tp.partition].waiting["orders"].append(waiting)
+                    new_waiting.append((tp.partition, waiting))
+        if new_waiting:
+            await self._set_targets(new_waiting)
+        await self._decide_orders(visitors, ref, effects)
+        for stage in visitors.values():
+            stage.finish()
+
+        # Codes: progress reports and coded orders; decide what every partition has caught up on.
+        for tp, records in by_kind[CODE]:
+            stage = owned[tp.partition].code_stage
+            for record in records:
+                for item in orjson.loads(record.value):
+                    stage.receive(item, record.offset, record.timestamp)
+        for state in owned.values():
+            state.code_stage.decide_ready(ref, effects)
+            state.code_stage.finish(ref)
+
+        # The ledger: decisions, refunds, reviews, then approvals.
+        for tp, records in by_kind["refunds"]:
+            for record in records:
+                for element in self._decode_elements(record, tp, "refund", effects):
+                    refund, raw = element
+                    assert isinstance(refund, Refund)
+                    key = refund.order_id.encode()
+                    if partition_of(key, self.n) != tp.partition:
+                        effects.forward(LEDGER, key, raw, record.timestamp)
+                    else:
+                        ledgers[tp.partition].receive(raw, effects, METRICS)
+        for tp, records in by_kind["reviews"]:
+            for record in records:
+                try:
+                    review = decode_review(record.value or b"")
+                except InvalidEvent as exc:
+                    self._dead_letter(record, tp, exc, None, record.value or b"", effects)
+                    continue
+                METRICS.events_valid.labels("reviews").inc()
+                key = review.order_id.encode()
+                if partition_of(key, self.n) != tp.partition:
+                    effects.forward(LEDGER, key, record.value, record.timestamp)
+                else:
+                    ledgers[tp.partition].receive(record.value, effects, METRICS)
+        for tp, records in by_kind[LEDGER]:
+            for record in records:
+                for item in orjson.loads(record.value):
+                    ledgers[tp.partition].receive(orjson.dumps(item), effects, METRICS)
+                    if item.get("type") == "decided_order" and record.timestamp:
+                        effects.latency_from.setdefault("commission_facts", []).append(
+                            record.timestamp / 1000)
+        for order_id, p in list(self.approvals.due(set(owned))):
+            ledgers[p].approve(order_id, effects, METRICS)
+        for stage in ledgers.values():
+            stage.finish()
+
+        await self._progress(effects)
+        await self._make(effects, staged)
+        await self._commit(batch)
+        self._flow_control()
+
+    def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
+               ref: Any, effects: Effects) -> None:
+        if visitors[p].click(click, ref, effects):
+            if record.timestamp:
+                effects.latency_from.setdefault("clicks", []).append(record.timestamp / 1000)
+        else:
+            METRICS.events_duplicate.labels("clicks").inc()
+
+    def _decode_elements(self, record: Any, tp: TopicPartition, expected: str,
+                         effects: Effects) -> list[tuple[Any, bytes]]:
+        valid = []
+        for element in decode_record(record.value or b"", expected):
+            if element.error is not None:
+                self._dead_letter(record, tp, element.error, element.index, element.raw, effects)
+            else:
+                valid.append((element.event, element.raw))
+        METRICS.events_valid.labels(self.kind_of[tp.topic]).inc(len(valid))
+        return valid
+
+    def _decode(self, record: Any, tp: TopicPartition, expected: str, effects: Effects) -> list[Any]:
+        return [event for event, _ in self._decode_elements(record, tp, expected, effects)]
+
+    def _dead_letter(self, record: Any, tp: TopicPartition, exc: InvalidEvent, index: int | None,
+                     raw: bytes, effects: Effects) -> None:
+        effects.dead_letters.append(DeadLetter(
+            record.key, raw, exc.reason, exc.detail, tp.topic, tp.partition, record.offset, index))
+        METRICS.events_invalid.labels(self.kind_of[tp.topic], exc.reason).inc()
+        METRICS.dead_letters.inc()
+
+    async def _set_targets(self, new_waiting: list[tuple[int, WaitingOrder]]) -> None:
+        """Read, once, the ends the new waiting orders must see first (after reading them)."""
+        assert self.consumer is not None
+        wanted = {TopicPartition(self.topics["clicks"], p) for p, _ in new_waiting}
+        wanted |= {TopicPartition(self.topics[VISITOR], p) for p, _ in new_waiting}
+        orders = [TopicPartition(self.topics["orders"], p) for p in range(self.n)]
+        ends = await self.consumer.end_offsets(list(wanted) + orders)
+        orders_end = {tp.partition: ends[tp] for tp in orders}
+        for p, waiting in new_waiting:
+            waiting.clicks_end = ends[TopicPartition(self.topics["clicks"], p)]
+            waiting.visitor_end = ends[TopicPartition(self.topics[VISITOR], p)]
+            waiting.orders_end = orders_end
+
+    async def _decide_orders(self, visitors: dict[int, VisitorStage], ref: Any,
+                             effects: Effects) -> None:
+        assert self.consumer is not None
+        waiting_now = 0
+        for p, state in self.partitions.items():
+            if not any(state.waiting.values()):
+                continue
+            clicks_at = await self.consumer.position(TopicPartition(self.topics["clicks"], p))
+            visitor_at = await self.consumer.position(TopicPartition(self.topics[VISITOR], p))
+            for queue in state.waiting.values():
+                while queue and queue[0].clicks_end <= clicks_at and queue[0].visitor_end <= visitor_at:
+                    waiting = queue.popleft()
+                    visitors[p].order(waiting.order, ref, effects, waiting.orders_end or None,
+                                      waiting.timestamp_ms)
+                waiting_now += len(queue)
+        METRICS.orders_waiting_for_clicks.set(waiting_now)
+
+    async def _progress(self, effects: Effects) -> None:
+        """Tell every code partition how far this worker's orders partitions are decided."""
+        assert self.consumer is not None
+        for p, state in self.partitions.items():
+            tp = TopicPartition(self.topics["orders"], p)
+            queue = state.waiting["orders"]
+            decided_below = queue[0].offset if queue else await self.consumer.position(tp)
+            if decided_below != state.progress_sent:
+                for q in range(self.n):
+                    effects.forward(CODE, b"", progress_item(p, decided_below), partition=q)
+                state.progress_sent = decided_below
+
+    async def _make(self, effects: Effects, staged: dict[int, dict[str, Staged]]) -> None:
+        """The batch's effects, in the commit order; raises (and commits nothing) on failure."""
+        assert self.producer is not None
+        if effects.rows:
+            for table, rows in effects.rows.items():
+                for row in rows:
+                    self.sink.add(table, row)
+            await asyncio.to_thread(self.sink.flush)
+        _observe_latency(effects.latency_from)
+        deliveries = []
+        by_partition: dict[tuple[str, int], list[tuple[bytes, bytes, int | None]]] = defaultdict(list)
+        for fwd in effects.forwards:
+            p = fwd.partition if fwd.partition is not None else partition_of(fwd.key, self.n)
+            by_partition[(self.out_topics[fwd.topic], p)].append((fwd.key, fwd.item, fwd.timestamp_ms))
+        for (topic, p), items in by_partition.items():
+            deliveries += await self._send_arrays(topic, p, items)
+        for dead in effects.dead_letters:
+            deliveries.append(await self.producer.send(
+                self.out_topics[DEAD], key=dead.key, value=dead.value, headers=dead.headers()))
+        for key, value in effects.flags:
+            deliveries.append(await self.producer.send(self.out_topics[ABUSE], key=key, value=value))
+        await asyncio.gather(*deliveries)
+
+        changelog_ends: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        for p, stores in staged.items():
+            for name, store in stores.items():
+                if store.writes:
+                    changelog_ends[(name, p)] = await self._send_changelog(
+                        self.config.changelog_topic(name), p, store.writes)
+        for (name, p), delivery in changelog_ends.items():
+            next_offset = await delivery
+            state = self.partitions.get(p)
+            if state is not None:
+                state.stores[name].write(staged[p][name].writes, next_offset)
+
+    async def _send_arrays(self, topic: str, p: int,
+                           items: list[tuple[bytes, bytes, int | None]]) -> list[Any]:
+        """Items for one partition as JSON-array records (one per producer batch)."""
+        assert self.producer is not None
+        futures = []
+        chunk: list[bytes] = []
+        size = 0
+        first_key = items[0][0]
+        timestamp = max((t for _, _, t in items if t is not None), default=None)
+        for key, item, _ in items:
+            if chunk and size + len(item) > 900_000:
+                futures.append(await self.producer.send(
+                    topic, key=first_key or None, value=b"[" + b",".join(chunk) + b"]",
+                    partition=p, timestamp_ms=timestamp))
+                chunk, size, first_key = [], 0, key
+            chunk.append(item)
+            size += len(item) + 1
+        futures.append(await self.producer.send(
+            topic, key=first_key or None, value=b"[" + b",".join(chunk) + b"]", partition=p,
+            timestamp_ms=timestamp))
+        return futures
+
+    async def _send_changelog(self, topic: str, p: int,
+                              writes: dict[bytes, bytes | None]) -> asyncio.Future[Any]:
+        """Every write of one store partition; resolves to the changelog's next offset."""
+        assert self.producer is not None
+        deliveries = []
+        batch = self.producer.create_batch()
+        count = 0
+        for key, value in writes.items():
+            while batch.append(key=key, value=value, timestamp=None) is None:
+                if count == 0:
+                    raise ValueError(f"a state value of {len(value or b'')} bytes does not fit a batch")
+                deliveries.append((await self.producer.send_batch(batch, topic, partition=p), count))
+                batch, count = self.producer.create_batch(), 0
+            count += 1
+        deliveries.append((await self.producer.send_batch(batch, topic, partition=p), count))
+
+        async def last() -> int:
+            next_offset = 0
+            for delivery, n in deliveries:
+                metadata = await delivery
+                next_offset = max(next_offset, metadata.offset + n)
+            return next_offset
+
+        return asyncio.ensure_future(last())
+
+    async def _commit(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            if not records or tp.partition not in self.partitions:
+                continue
+            offsets[tp] = records[-1].offset + 1
+        for p, state in self.partitions.items():
+            for kind, queue in (("orders", state.waiting["orders"]), (VISITOR, state.waiting["visitor"])):
+                if queue:
+                    tp = TopicPartition(self.topics[kind], p)
+                    offsets[tp] = min(offsets.get(tp, queue[0].offset), queue[0].offset)
+            first = state.code_stage.first_waiting_offset()
+            if first is not None:
+                tp = TopicPartition(self.topics[CODE], p)
+                offsets[tp] = min(offsets.get(tp, first), first)
+        offsets = {tp: o for tp, o in offsets.items() if self._committed.get(tp) != o}
+        if offsets:
+            try:
+                await self.consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group moved on (a rebalance): the partitions' owners read the batch again;
+                # its effects are idempotent.
+                log.warning("offsets not committed, the group is rebalancing: %r", exc)
+                return
+            self._committed.update(offsets)
+
+    def _flow_control(self) -> None:
+        """Pause an orders partition while too many of its orders wait (memory), resume after."""
+        assert self.consumer is not None
+        for p, state in self.partitions.items():
+            tp = TopicPartition(self.topics["orders"], p)
+            count = len(state.waiting["orders"])
+            if count >= MAX_WAITING_ORDERS and tp not in self._paused:
+                self.consumer.pause(tp)
+                self._paused.add(tp)
+            elif count < MAX_WAITING_ORDERS // 2 and tp in self._paused:
+                self.consumer.resume(tp)
+                self._paused.discard(tp)
+
+
+def _observe_latency(record_times: dict[str, list[float]]) -> None:
+    now = time.time()
+    for table, times in record_times.items():
+        histogram = METRICS.end_to_end_latency.labels(table)
+        for record_time in times:
+            histogram.observe(max(0.0, now - record_time))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.engine.revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.engine.assigned(set(assigned))
