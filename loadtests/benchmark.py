@@ -1,10 +1,13 @@
 """The benchmark of the operations issue: what one worker does on one machine, next to a baseline.
 
     python -m loadtests.benchmark [--events 300000] [--workers 1] [--json FILE] [--keep]
+        [--shape interleaved|topic-by-topic|orders-first|hot-partition] [--order-share SHARE]
 
 One run, on the local stack (`attribution stack up`), under a fresh topic prefix and database:
 
-1. **catch-up** — a generated backlog of at least `--events` events is published, then one worker
+1. **catch-up** — a generated backlog of at least `--events` events (about `--order-share` of
+   them orders, when given), in the order or partitioning of `--shape` (`loadtests.generator.
+   arrange`: interleaved as a live shop sends it by default), is published, then one worker
    (`attribution worker`, a subprocess) turns it into ClickHouse rows: events/s from the worker's
    start, and from its first row, until every valid click, share and order is in its table
    (counted with FINAL, against the distinct valid ids that were published);
@@ -47,7 +50,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import FrameType
@@ -59,7 +62,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deploy.stack import Stack
-from loadtests.generator import TrafficProfile, generate, pace, sample_reference
+from loadtests.generator import (
+    DEFAULT_PARTITIONS,
+    SHAPES,
+    TrafficProfile,
+    arrange,
+    generate,
+    pace,
+    plan_profile,
+    sample_reference,
+)
 from schemas.config import INPUT_TOPICS, Config
 from schemas.events import TOPIC_OF_TYPE, Order
 from schemas.validation import InvalidEvent, decode_event, encode_json, parse_reference_document
@@ -73,8 +85,8 @@ CATCH_UP_TABLES = ("clicks", "shares", "attributed_orders")
 
 #: The backlog's day; the latency stream is the next day, so the two never share a timestamp.
 BACKLOG_START = datetime(2026, 11, 2, tzinfo=timezone.utc)
-#: Visitors of the pilot run that estimates events per visitor (a fraction of a second).
-PILOT_VISITORS = 5_000
+#: Head-room over `--events` when sizing the backlog (the planned size is approximate).
+BACKLOG_HEAD_ROOM = 1.02
 #: The steady-state input rate, as a share of the measured catch-up rate (the issue asks 50 %).
 STEADY_RATE_SHARE = 0.5
 #: 100 ms: ClickHouse's `inserted_at` has whole seconds, so first sightings are timed by polling;
@@ -584,20 +596,40 @@ def isolate(stack: Stack) -> Isolation:
     return Isolation(tag, env, config, workdir)
 
 
-def generate_lines(visitors: int, seed: int, start: datetime) -> list[bytes]:
+def generate_lines(
+    visitors: int, seed: int, start: datetime, conversion_rate: float | None = None,
+    shape: str = "interleaved", partitions: int = DEFAULT_PARTITIONS,
+) -> list[bytes]:
     profile = TrafficProfile(visitors=visitors, seed=seed, start=start)
-    return [encode_json(event) for event in generate(sample_reference(), profile)]
+    if conversion_rate is not None:
+        profile = replace(profile, conversion_rate=conversion_rate)
+    events = arrange(generate(sample_reference(), profile), shape, partitions=partitions)
+    return [encode_json(event) for event in events]
 
 
-def backlog_of_at_least(events: int, seed: int) -> tuple[int, list[bytes]]:
-    """(visitors, lines) of a generated day with at least `events` lines."""
-    pilot = len(generate_lines(PILOT_VISITORS, seed, BACKLOG_START))
-    visitors = visitors_for(events, pilot / PILOT_VISITORS)
+def backlog_of_at_least(
+    events: int, seed: int, order_share: float | None = None, shape: str = "interleaved",
+    partitions: int = DEFAULT_PARTITIONS,
+) -> tuple[TrafficProfile, list[bytes]]:
+    """(profile, lines) of a generated day with at least `events` lines, about `order_share` of
+    them orders (the generator's default conversion rate when None), shaped by `shape`."""
+    try:
+        profile = plan_profile(
+            sample_reference(), events=math.ceil(events * BACKLOG_HEAD_ROOM),
+            order_share=order_share, seed=seed, start=BACKLOG_START,
+        )
+    except ValueError as exc:
+        raise BenchmarkError(str(exc)) from exc
+    lines: list[bytes] = []
     for _ in range(5):
-        lines = generate_lines(visitors, seed, BACKLOG_START)
+        lines = generate_lines(profile.visitors, seed, BACKLOG_START, profile.conversion_rate,
+                               shape, partitions)
         if len(lines) >= events:
-            return visitors, lines
-        visitors = max(visitors_for(events, len(lines) / visitors), visitors + visitors // 20 + 1)
+            return profile, lines
+        visitors = max(visitors_for(events, len(lines) / max(1, profile.visitors)),
+                       profile.visitors + profile.visitors // 20 + 1)
+        profile = TrafficProfile(visitors=visitors, seed=seed, start=BACKLOG_START,
+                                 conversion_rate=profile.conversion_rate)
     raise BenchmarkError(f"could not generate {events} events (last try: {len(lines)})")
 
 
@@ -1034,6 +1066,7 @@ def results_table(result: dict[str, Any]) -> Table:
     table.add_column("notes")
     backlog, catch, base = result["backlog"], result["catch_up"], result["baseline"]
     table.add_row("backlog", f"{backlog['events']:,} events",
+                  f"{backlog.get('shape', 'interleaved')}: "
                   f"{backlog['expected']['clicks']:,} clicks, {backlog['expected']['shares']:,} shares, "
                   f"{backlog['expected']['orders']:,} orders, {backlog['expected']['refunds']:,} refunds")
     table.add_row("catch-up", f"{catch['events_per_s']:,} events/s",
@@ -1133,16 +1166,23 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "settings": {
                 "events": args.events, "seed": args.seed, "partitions": iso.config.partitions,
                 "batch_size": iso.config.batch_size, "batch_seconds": iso.config.batch_seconds,
-                "workers": args.workers,
+                "workers": args.workers, "shape": args.shape, "order_share": args.order_share,
             },
         }
 
         disturbances: list[str] = result.setdefault("disturbances", [])
         console.print(f"generating at least {args.events:,} events")
-        visitors, lines = backlog_of_at_least(args.events, args.seed)
+        profile, lines = backlog_of_at_least(args.events, args.seed, args.order_share,
+                                             args.shape, iso.config.partitions)
+        visitors = profile.visitors
         expected = expected_rows(lines)
-        console.print(f"  {len(lines):,} events from {visitors:,} visitors: {expected}")
-        result["backlog"] = {"events": len(lines), "visitors": visitors, "expected": asdict(expected)}
+        console.print(f"  {len(lines):,} events from {visitors:,} visitors "
+                      f"(conversion rate {profile.conversion_rate:.3f}, shape {args.shape}): "
+                      f"{expected}")
+        result["backlog"] = {"events": len(lines), "visitors": visitors, "expected": asdict(expected),
+                             "shape": args.shape,
+                             "conversion_rate": round(profile.conversion_rate, 4),
+                             "order_share": round(expected.orders / max(1, len(lines)), 4)}
         result["backlog"]["publish"] = publish_backlog(iso, lines, console)
 
         watch = PhaseWatch("baseline", stack, rows)
@@ -1166,7 +1206,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         result["caught_up"] = wait_for_zero_lag(iso, worker, console)
         rate = args.latency_rate or catch_rate * STEADY_RATE_SHARE
         fresh_visitors = visitors_for(int(rate * args.latency_seconds), len(lines) / visitors)
-        fresh = generate_lines(fresh_visitors, args.seed + 1, BACKLOG_START + timedelta(days=1))
+        # The same mix of orders as the backlog; the stream is paced, so it has no shape.
+        fresh = generate_lines(fresh_visitors, args.seed + 1, BACKLOG_START + timedelta(days=1),
+                               profile.conversion_rate)
         console.print(f"steady state: {len(fresh):,} fresh events at {rate:,.0f} events/s "
                       f"(~{len(fresh) / rate:.0f} s)")
         watch = PhaseWatch("latency", stack, rows, worker.pids)
@@ -1201,6 +1243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=300_000,
                         help="backlog size, at least (default 300000)")
     parser.add_argument("--seed", type=int, default=42, help="generator seed (default 42)")
+    parser.add_argument("--shape", choices=SHAPES, default="interleaved",
+                        help="how the backlog is published: interleaved (default, as a live shop "
+                        "sends it), topic-by-topic (all clicks and shares, then all orders, then "
+                        "all refunds), orders-first (orders, clicks and shares, refunds), "
+                        "hot-partition (most visitors keyed to partition 0); the latency phase's "
+                        "stream is always interleaved")
+    parser.add_argument("--order-share", type=float, default=None, metavar="SHARE",
+                        help="make about SHARE of the events orders, in the backlog and the "
+                        "latency phase (e.g. 0.2 for an order-heavy backlog; at most about 0.3; "
+                        "default: the generator's 3 %% of visitors buying, ~1.5 %% orders)")
     parser.add_argument("--latency-seconds", type=float, default=60.0,
                         help="length of the fixed-rate phase (default 60)")
     parser.add_argument("--latency-rate", type=float, default=None, metavar="EVENTS_PER_S",
@@ -1216,6 +1268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events < 1 or args.latency_seconds <= 0 or (args.latency_rate or 1) <= 0 \
             or args.workers < 1:
         parser.error("--events, --latency-seconds, --latency-rate and --workers must be positive")
+    if args.order_share is not None and not 0 < args.order_share < 1:
+        parser.error("--order-share must be between 0 and 1")
 
     # Progress goes to stderr, results to stdout; a log file gets long lines, not 80 columns.
     progress = Console(stderr=True, soft_wrap=not sys.stderr.isatty())

@@ -3,13 +3,16 @@ the rows a published stream must become, and the fixed-rate schedule. No Kafka, 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import orjson
 import pytest
 
 from loadtests.benchmark import (
+    BenchmarkError,
     ExpectedRows,
+    backlog_of_at_least,
     expected_rows,
     median_by_thirds,
     order_ids,
@@ -192,3 +195,32 @@ def test_pace_makes_up_a_pause_without_sleeping() -> None:
 def test_worker_cores_add_up_every_worker_and_nothing_else() -> None:
     assert worker_cores({"worker": 0.9, "kafka": 0.1, "benchmark": 0.05, "others": 0.02}) == 0.9
     assert worker_cores({"worker-1": 0.8, "worker-2": 0.7, "kafka": 0.2, "clickhouse": 0.1}) == 1.5
+
+
+# --- the backlog ---
+
+
+def test_the_backlog_has_at_least_the_events_asked_for_and_the_generators_default_mix() -> None:
+    profile, lines = backlog_of_at_least(6000, seed=3)
+    assert len(lines) >= 6000
+    assert profile.conversion_rate == TrafficProfile().conversion_rate
+    types = [orjson.loads(line)["type"] for line in lines]
+    assert types.count("order") / len(types) < 0.03
+    assert len(list(itertools.groupby(types))) > 100  # interleaved
+
+
+def test_an_order_heavy_topic_by_topic_backlog() -> None:
+    profile, lines = backlog_of_at_least(6000, seed=3, order_share=0.2, shape="topic-by-topic")
+    assert len(lines) >= 6000
+    types = [orjson.loads(line)["type"] for line in lines]
+    assert 0.18 <= types.count("order") / len(types) <= 0.22
+    groups = {"click": "clicks+shares", "share": "clicks+shares", "order": "orders",
+              "refund": "refunds"}
+    assert [key for key, _ in itertools.groupby(types, groups.__getitem__)] == [
+        "clicks+shares", "orders", "refunds"
+    ]
+
+
+def test_an_unreachable_order_share_is_a_benchmark_error() -> None:
+    with pytest.raises(BenchmarkError, match="order_share"):
+        backlog_of_at_least(6000, seed=3, order_share=0.9)
