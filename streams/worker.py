@@ -92,7 +92,7 @@ async def _run(config: Config) -> None:
 def _dump_tasks() -> None:
     """`kill -USR1 <pid>`: log where every task of the worker is waiting (a stall's first clue)."""
     for task in asyncio.all_tasks():
-        chain = []
+        chain: list[str] = []
         awaitable: object = task.get_coro()
         while awaitable is not None and len(chain) < 30:
             frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)

@@ -49,7 +49,7 @@ from schemas.config import (
     VISITOR_EVENTS_TOPIC,
     Config,
 )
-from schemas.events import Click, Order, Refund, Review, Share
+from schemas.events import Click, Order, Refund, Share
 from schemas.validation import InvalidEvent, decode_event, decode_record, decode_review
 from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
@@ -354,15 +354,15 @@ class Engine:
         if new_waiting:
             await self._set_targets(new_waiting)
         await self._decide_orders(visitors, ref, effects)
-        for stage in visitors.values():
-            stage.finish()
+        for visitor_stage in visitors.values():
+            visitor_stage.finish()
 
         # Codes: progress reports and coded orders; decide what every partition has caught up on.
         for tp, records in by_kind[CODE]:
-            stage = owned[tp.partition].code_stage
+            code_stage = owned[tp.partition].code_stage
             for record in records:
                 for item in orjson.loads(record.value):
-                    stage.receive(item, record.offset, record.timestamp)
+                    code_stage.receive(item, record.offset, record.timestamp)
         for state in owned.values():
             state.code_stage.decide_ready(ref, effects)
             state.code_stage.finish(ref)
@@ -400,8 +400,8 @@ class Engine:
                             record.timestamp / 1000)
         for order_id, p in list(self.approvals.due(set(owned))):
             ledgers[p].approve(order_id, effects, METRICS)
-        for stage in ledgers.values():
-            stage.finish()
+        for ledger_stage in ledgers.values():
+            ledger_stage.finish()
 
         await self._progress(effects)
         await self._make(effects, staged)

@@ -115,7 +115,7 @@ class PartitionStore:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         for key, value in self.db.items():
-            yield bytes(key), bytes(value)
+            yield bytes(key), bytes(value)  # type: ignore[arg-type]  # raw mode: always bytes
 
     def write(self, writes: Mapping[bytes, bytes | None], changelog_next: int | None = None) -> None:
         """Apply `writes` at once; `changelog_next`: the changelog offset they bring it up to."""

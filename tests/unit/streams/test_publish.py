@@ -17,7 +17,7 @@ from kafka.partitioner import DefaultPartitioner
 
 from schemas.config import Config
 from streams import publish
-from streams.forwarding import partition_of as worker_partition_of
+from streams.engine.runner import partition_of as worker_partition_of
 from streams.publish import Delivery, partition_of, produce_lines, publish_reference, publish_review
 
 CONFIG = Config(KAFKA_BOOTSTRAP="localhost:1", TOPIC_PREFIX="p.")  # type: ignore[call-arg]
