@@ -32,7 +32,8 @@ class Metrics:
     consumer_lag: Gauge
     orders_waiting_for_clicks: Gauge
     batches_dropped: Counter
-    partition_rereads: Counter
+    batch_phase_seconds: Histogram
+    coded_orders_waiting: Gauge
 
 
 def _build() -> Metrics:
@@ -90,11 +91,16 @@ def _build() -> Metrics:
             " were in flight (the partitions' owner reads them again)",
             ["agent"],
         ),
-        partition_rereads=Counter(
-            "attribution_partition_rereads",
-            "Partitions sent back to their next offset because Faust delivered a later record"
-            " first (records not delivered)",
-            ["topic"],
+        batch_phase_seconds=Histogram(
+            "attribution_batch_phase_seconds",
+            "Time one batch spends in each phase of the commit path: decide, effects (ClickHouse"
+            " rows and records to Kafka, together), changelog, commit",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        coded_orders_waiting=Gauge(
+            "attribution_coded_orders_waiting",
+            "Orders with a discount code waiting for every orders partition's progress (velocity)",
         ),
     )
 

@@ -298,6 +298,7 @@ class Engine:
 
     async def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         assert self.consumer is not None
+        started = time.perf_counter()
         ref = self.reference.snapshot
         effects = Effects()
         owned = self.partitions
@@ -306,8 +307,7 @@ class Engine:
         visitors = {p: VisitorStage(staged[p][TOUCHES]) for p in owned}
         ledgers = {p: LedgerStage(p, staged[p][LEDGERS], self.approvals) for p in owned}
         for p, state in owned.items():
-            state.code_stage.store = staged[p][CODES]
-            state.code_stage._uses.clear()
+            state.code_stage.begin_batch(staged[p][CODES])
         by_kind: dict[str, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
         for tp, records in batch.items():
             if tp.partition in owned and records:
@@ -404,8 +404,12 @@ class Engine:
             ledger_stage.finish()
 
         await self._progress(effects)
+        METRICS.coded_orders_waiting.set(sum(len(st.code_stage.waiting) for st in owned.values()))
+        METRICS.batch_phase_seconds.labels("decide").observe(time.perf_counter() - started)
         await self._make(effects, staged)
+        committing = time.perf_counter()
         await self._commit(batch)
+        METRICS.batch_phase_seconds.labels("commit").observe(time.perf_counter() - committing)
         self._flow_control()
 
     def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
@@ -480,14 +484,42 @@ class Engine:
                 state.progress_sent = decided_below
 
     async def _make(self, effects: Effects, staged: dict[int, dict[str, Staged]]) -> None:
-        """The batch's effects, in the commit order; raises (and commits nothing) on failure."""
+        """The batch's effects, in the commit order; raises (and commits nothing) on failure.
+
+        ClickHouse rows and records to Kafka go together (neither depends on the other); the
+        changelogs only after both, because state says what was done: a click the touches know
+        is a click whose row is in.
+        """
         assert self.producer is not None
+        started = time.perf_counter()
+        await asyncio.gather(self._write_rows(effects), self._send_records(effects))
+        _observe_latency(effects.latency_from)
+        changelogged = time.perf_counter()
+        METRICS.batch_phase_seconds.labels("effects").observe(changelogged - started)
+
+        changelog_ends: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        for p, stores in staged.items():
+            for name, store in stores.items():
+                if store.writes:
+                    changelog_ends[(name, p)] = await self._send_changelog(
+                        self.config.changelog_topic(name), p, store.writes)
+        for (name, p), delivery in changelog_ends.items():
+            next_offset = await delivery
+            state = self.partitions.get(p)
+            if state is not None:
+                state.stores[name].write(staged[p][name].writes, next_offset)
+        METRICS.batch_phase_seconds.labels("changelog").observe(time.perf_counter() - changelogged)
+
+    async def _write_rows(self, effects: Effects) -> None:
         if effects.rows:
             for table, rows in effects.rows.items():
                 for row in rows:
                     self.sink.add(table, row)
             await asyncio.to_thread(self.sink.flush)
-        _observe_latency(effects.latency_from)
+
+    async def _send_records(self, effects: Effects) -> None:
+        """Forwards (as JSON-array records per partition), dead letters, flag messages."""
+        assert self.producer is not None
         deliveries = []
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes, int | None]]] = defaultdict(list)
         for fwd in effects.forwards:
@@ -501,18 +533,6 @@ class Engine:
         for key, value in effects.flags:
             deliveries.append(await self.producer.send(self.out_topics[ABUSE], key=key, value=value))
         await asyncio.gather(*deliveries)
-
-        changelog_ends: dict[tuple[str, int], asyncio.Future[Any]] = {}
-        for p, stores in staged.items():
-            for name, store in stores.items():
-                if store.writes:
-                    changelog_ends[(name, p)] = await self._send_changelog(
-                        self.config.changelog_topic(name), p, store.writes)
-        for (name, p), delivery in changelog_ends.items():
-            next_offset = await delivery
-            state = self.partitions.get(p)
-            if state is not None:
-                state.stores[name].write(staged[p][name].writes, next_offset)
 
     async def _send_arrays(self, topic: str, p: int,
                            items: list[tuple[bytes, bytes, int | None]]) -> list[Any]:

@@ -18,6 +18,7 @@ already hold a replayed batch's writes).
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,7 +27,7 @@ from typing import Any, Iterable
 import orjson
 
 from schemas.events import Click, Order, Refund, Review
-from schemas.facts import CodeRedemptions, CommissionFact, OrderLedger, Touch
+from schemas.facts import CommissionFact, OrderLedger, Touch
 from schemas.internal import DECIDED_ORDER_TYPE, DecidedOrder
 from schemas.reference import ReferenceData, normalise_code
 from schemas.validation import decode_event, decode_review
@@ -36,8 +37,9 @@ from ..rules.abuse import (
     MAX_REDEMPTIONS_PER_CODE,
     coupon_site_seen,
     flags_for_order,
-    velocity_flag,
     velocity_horizon,
+    velocity_limit,
+    velocity_over_limit,
     with_flags,
 )
 from ..rules.attribution import attribute, latest_touch, remember_touch, touch_from_click, touch_horizon
@@ -181,8 +183,20 @@ class WaitingOrder:
     timestamp_ms: int | None
 
 
+#: A use of a code: (order ts as epoch seconds, customer_id).
+Use = tuple[float, str]
+#: Codes whose stored uses a code stage keeps in memory between batches, at most.
+MAX_CACHED_CODES = 20_000
+
+
 class CodeStage:
-    """One partition of codes: uses per code, and the orders waiting for the others' progress."""
+    """One partition of codes: uses per code, and the orders waiting for the others' progress.
+
+    Per code it keeps, sorted by time, the stored uses and the uses of orders still waiting (read
+    ahead): deciding an order looks only at the uses inside the longest velocity window before
+    it, so a hot code with thousands of waiting orders costs a binary search per order, not a
+    scan of everything waiting.
+    """
 
     def __init__(self, store: Staged) -> None:
         self.store = store
@@ -192,9 +206,16 @@ class CodeStage:
             {int(p): o for p, o in orjson.loads(stored).items()} if stored else {}
         )
         self.waiting: deque[WaitingOrder] = deque()
-        self._uses: dict[str, list[list[Any]]] = {}
+        self._uses: dict[str, list[Use]] = {}  # stored uses per code, sorted (a cache of the store)
+        self._ahead: dict[str, list[Use]] = {}  # uses of waiting orders per code, sorted
         self._dirty: set[str] = set()
         self._progress_dirty = False
+
+    def begin_batch(self, store: Staged) -> None:
+        """A new batch reads and writes through `store` (the same store, new staged writes)."""
+        self.store = store
+        if len(self._uses) > MAX_CACHED_CODES:
+            self._uses.clear()
 
     def receive(self, item: dict[str, Any], offset: int, timestamp_ms: int | None) -> None:
         if item.get("type") == PROGRESS_TYPE:
@@ -205,10 +226,9 @@ class CodeStage:
             return
         decided = DecidedOrder.from_dict(item)
         orders_end = {int(p): int(e) for p, e in (item.get("orders_end") or {}).items()}
-        self.waiting.append(
-            WaitingOrder(offset, decided, normalise_code(decided.discount_code), orders_end,
-                         timestamp_ms)
-        )
+        code = normalise_code(decided.discount_code)
+        self.waiting.append(WaitingOrder(offset, decided, code, orders_end, timestamp_ms))
+        insort(self._ahead.setdefault(code, []), (decided.ts.timestamp(), decided.customer_id))
 
     def first_waiting_offset(self) -> int | None:
         return self.waiting[0].offset if self.waiting else None
@@ -216,11 +236,11 @@ class CodeStage:
     def _ready(self, order: WaitingOrder) -> bool:
         return all(self.progress.get(p, 0) >= end for p, end in order.orders_end.items())
 
-    def uses_of(self, code: str) -> list[list[Any]]:
+    def uses_of(self, code: str) -> list[Use]:
         uses = self._uses.get(code)
         if uses is None:
             stored = self.store.get(code.encode())
-            uses = orjson.loads(stored) if stored else []
+            uses = sorted((float(t), str(c)) for t, c in orjson.loads(stored)) if stored else []
             self._uses[code] = uses
         return uses
 
@@ -229,15 +249,26 @@ class CodeStage:
         decided = 0
         while self.waiting and self._ready(self.waiting[0]):
             order = self.waiting.popleft()
+            use = (order.decided.ts.timestamp(), order.decided.customer_id)
+            ahead = self._ahead[order.code]
+            del ahead[bisect_left(ahead, use)]
+            if not ahead:
+                del self._ahead[order.code]
             uses = self.uses_of(order.code)
-            use = [order.decided.ts.timestamp(), order.decided.customer_id]
-            if use not in uses:
-                uses.append(use)
+            at = bisect_left(uses, use)
+            if at == len(uses) or uses[at] != use:
+                uses.insert(at, use)
                 self._dirty.add(order.code)
-            # Every use known: stored, and read ahead (orders still waiting behind this one).
-            ahead = {(w.decided.ts, w.decided.customer_id) for w in self.waiting if w.code == order.code}
-            every = tuple(sorted({(_ts(t), c) for t, c in uses} | ahead))
-            flag = velocity_flag(order.decided, CodeRedemptions(order.code, every), ref)
+            velocity = velocity_limit(order.decided, ref)
+            flag = None
+            if velocity is not None:
+                # Distinct customers among every known use in (O.ts - window, O.ts]: stored,
+                # and read ahead (orders still waiting behind this one).
+                low, high = (use[0] - velocity.window_minutes * 60, "\U0010ffff"), (use[0], "\U0010ffff")
+                customers = {c for _, c in uses[bisect_right(uses, low):bisect_right(uses, high)]}
+                if ahead:
+                    customers.update(c for _, c in ahead[bisect_right(ahead, low):bisect_right(ahead, high)])
+                flag = velocity_over_limit(len(customers), velocity)
             result = with_flags(order.decided, [flag]) if flag is not None else order.decided
             effects.forward(LEDGER, result.order_id.encode(), result.to_json(), order.timestamp_ms)
             decided += 1
@@ -245,15 +276,15 @@ class CodeStage:
 
     def finish(self, ref: ReferenceData) -> None:
         """Forget uses no order to come can count, and stage what changed."""
-        horizon = velocity_horizon(ref) + LATE_ORDER_ALLOWANCE
-        for code in list(self._dirty):
+        horizon = (velocity_horizon(ref) + LATE_ORDER_ALLOWANCE).total_seconds()
+        for code in self._dirty:
             uses = self._uses[code]
-            waiting = [w.decided.ts for w in self.waiting if w.code == code]
-            oldest = min(waiting, default=max((_ts(u[0]) for u in uses), default=None))
+            ahead = self._ahead.get(code)
+            oldest = ahead[0][0] if ahead else (uses[-1][0] if uses else None)
             if oldest is not None:
-                cutoff = (oldest - horizon).timestamp()
-                uses[:] = sorted(u for u in uses if u[0] > cutoff)[-MAX_REDEMPTIONS_PER_CODE:]
-            self.store.put(code.encode(), orjson.dumps(uses))
+                kept = uses[bisect_right(uses, (oldest - horizon, "\U0010ffff")):]
+                uses[:] = kept[-MAX_REDEMPTIONS_PER_CODE:]
+            self.store.put(code.encode(), orjson.dumps([list(u) for u in uses]))
         self._dirty.clear()
         if self._progress_dirty:
             self.store.put(PROGRESS_KEY, orjson.dumps({str(p): o for p, o in self.progress.items()}))

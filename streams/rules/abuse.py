@@ -199,11 +199,16 @@ def code_velocity(
     """
     window_start = order_ts - timedelta(minutes=velocity.window_minutes)
     customers = {c for ts, c in state.redemptions if window_start < ts <= order_ts}
-    if len(customers) > velocity.max_customers:
+    return velocity_over_limit(len(customers), velocity)
+
+
+def velocity_over_limit(distinct_customers: int, velocity: Velocity) -> AbuseFlag | None:
+    """The `code_velocity` flag for this many distinct customers in the window, if over the limit."""
+    if distinct_customers > velocity.max_customers:
         return AbuseFlag(
             "code_velocity",
             "hold",
-            f"{len(customers)} distinct customers in {velocity.window_minutes} min,"
+            f"{distinct_customers} distinct customers in {velocity.window_minutes} min,"
             f" limit {velocity.max_customers}",
         )
     return None
@@ -243,11 +248,17 @@ def velocity_flag(
     Only orders attributed through their code are flagged; the limit is the one of the program
     the order was attributed in (the code owner's).
     """
+    velocity = velocity_limit(decided, ref)
+    return None if velocity is None else code_velocity(redemptions, decided.ts, velocity)
+
+
+def velocity_limit(decided: DecidedOrder, ref: ReferenceData) -> Velocity | None:
+    """The velocity limit an order is checked against: its program's, for orders attributed
+    through their code; None for any other order (never flagged)."""
     if decided.method not in _CODE_METHODS or decided.ledger is None:
         return None
     program = ref.programs.get(decided.program_id)
-    velocity = program.velocity if program is not None else Velocity()
-    return code_velocity(redemptions, decided.ts, velocity)
+    return program.velocity if program is not None else Velocity()
 
 
 def with_flags(decided: DecidedOrder, extra: Iterable[AbuseFlag]) -> DecidedOrder:
