@@ -11,6 +11,10 @@ are checked against contract §4, decided here from the published events.
 The backlog is the smallest order-heavy topic-by-topic one that deadlocked the worker of commit
 3dded4d every time (a full orders queue held Faust's conductor, so no click was delivered and the
 click barrier waited forever); every shape gets the same day, so the cases differ only in shape.
+On 3dded4d, topic-by-topic, orders-first and interleaved stall (no click row after 45 s, the
+group's committed clicks offsets stuck, "click barrier waiting 30s"): the number of orders read
+ahead decides, not the order of the topics. Hot-partition drains (~30 s): its orders come mostly
+from one partition.
 """
 
 from __future__ import annotations
