@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import lru_cache
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
 from .effects import ABUSE, CODE, DEAD, LEDGER, VISITOR, DeadLetter, Effects
+from ..rules.attribution import touch_horizon
 from .stages import Approvals, CodeStage, LedgerStage, VisitorStage, progress_item
 from .state import PartitionStore, Staged
 
@@ -75,6 +77,7 @@ MAX_POLL_RECORDS = 2_000
 FETCH_MAX_WAIT_MS = 50
 
 
+@lru_cache(maxsize=262_144)  # one visitor's events come many at a time; murmur2 is pure Python
 def partition_of(key: bytes, partitions: int) -> int:
     """Kafka's default partition for `key` (the Java client's murmur2, positive)."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
@@ -304,7 +307,8 @@ class Engine:
         owned = self.partitions
         staged = {p: {name: Staged(s) for name, s in state.stores.items()}
                   for p, state in owned.items()}
-        visitors = {p: VisitorStage(staged[p][TOUCHES]) for p in owned}
+        horizon = touch_horizon(ref)
+        visitors = {p: VisitorStage(staged[p][TOUCHES], horizon) for p in owned}
         ledgers = {p: LedgerStage(p, staged[p][LEDGERS], self.approvals) for p in owned}
         for p, state in owned.items():
             state.code_stage.begin_batch(staged[p][CODES])
@@ -622,11 +626,15 @@ class Engine:
                 self._paused.discard(tp)
 
 
+#: Latency samples per table and batch: evenly spread over the batch, enough for quantiles.
+LATENCY_SAMPLES = 100
+
+
 def _observe_latency(record_times: dict[str, list[float]]) -> None:
     now = time.time()
     for table, times in record_times.items():
         histogram = METRICS.end_to_end_latency.labels(table)
-        for record_time in times:
+        for record_time in times[::max(1, len(times) // LATENCY_SAMPLES)]:
             histogram.observe(max(0.0, now - record_time))
 
 

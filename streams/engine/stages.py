@@ -42,7 +42,7 @@ from ..rules.abuse import (
     velocity_over_limit,
     with_flags,
 )
-from ..rules.attribution import attribute, latest_touch, remember_touch, touch_from_click, touch_horizon
+from ..rules.attribution import attribute, latest_touch, remember_touch, touch_from_click
 from ..rules.commission import commission_for
 from ..rules.ledger import apply_refund, apply_review, approve_if_due, open_ledger
 from .effects import CODE, LEDGER, Effects
@@ -117,8 +117,9 @@ def decide_order(order: Order, touches: tuple[Touch, ...], ref: ReferenceData) -
 class VisitorStage:
     """One partition's visitors: their touches, and the orders decided against them."""
 
-    def __init__(self, store: Staged) -> None:
+    def __init__(self, store: Staged, horizon: timedelta) -> None:
         self.store = store
+        self.horizon = horizon  # `touch_horizon` of the batch's reference data
         self._touches: dict[bytes, tuple[Touch, ...]] = {}
         self._dirty: set[bytes] = set()
 
@@ -137,7 +138,7 @@ class VisitorStage:
         if any(t.event_id == click.event_id for t in touches):
             return False
         touch = touch_from_click(click)
-        self._touches[click.visitor_id.encode()] = remember_touch(touches, touch, touch_horizon(ref))
+        self._touches[click.visitor_id.encode()] = remember_touch(touches, touch, self.horizon)
         self._dirty.add(click.visitor_id.encode())
         effects.row("clicks", click_row(click, touch.referrer_host))
         return True

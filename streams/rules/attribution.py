@@ -7,6 +7,8 @@ and calls `attribute` once per order, with the reference data current at that mo
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from urllib.parse import parse_qsl, urlsplit
@@ -23,6 +25,7 @@ TOUCH_HORIZON_DAYS_DEFAULT = DEFAULT_ATTRIBUTION_WINDOW_DAYS
 MAX_TOUCHES_PER_VISITOR = 200
 
 
+@lru_cache(maxsize=65_536)  # referrers repeat a lot (a site's pages, a campaign's links)
 def referrer_host(url: str) -> str:
     """The lower-cased host of a URL or of a bare host (``shop.example.com/x``), without port.
 
@@ -47,6 +50,7 @@ def referrer_host(url: str) -> str:
 PAID_CLICK_ID_PARAMS = ("gclid", "gbraid", "wbraid", "msclkid", "dclid")
 
 
+@lru_cache(maxsize=65_536)
 def paid_click_id(landing_url: str) -> str:
     """The first paid-search click id parameter present (non-empty) on `landing_url`, or ''."""
     if "=" not in landing_url:

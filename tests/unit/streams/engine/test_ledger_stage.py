@@ -14,6 +14,7 @@ from schemas.events import Order
 from streams.engine.effects import CODE, LEDGER, Effects
 from streams.engine.stages import Approvals, CodeStage, Entry, LedgerStage, VisitorStage
 from streams.engine.state import MemoryStore, Staged
+from streams.rules.attribution import touch_horizon
 
 from engine_builders import (
     LOCK_END,
@@ -312,7 +313,7 @@ def test_forget_drops_the_orders_of_revoked_partitions() -> None:
     "goes straight to ledger-events: a later duplicate without the code reaches the ledger "
     "first and wins"))
 def test_the_first_of_two_orders_with_one_order_id_wins_even_when_only_it_has_a_code() -> None:
-    visitors, effects = VisitorStage(Staged(MemoryStore())), Effects()
+    visitors, effects = VisitorStage(Staged(MemoryStore()), touch_horizon(REF)), Effects()
     visitors.click(click("c-1", at(hours=-2), affiliate_id="bob"), REF, effects)
     first: Order = order(event_id="e-1", discount_code="SALLY20")
     visitors.order(first, REF, effects, {0: 1}, None)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from streams.engine.effects import CODE, LEDGER, Effects
 from streams.engine.stages import VisitorStage
+from streams.rules.attribution import touch_horizon
 from streams.engine.state import MemoryStore, Staged
 
 from engine_builders import REF, T0, at, click, forwarded, order
@@ -18,7 +19,7 @@ from engine_builders import REF, T0, at, click, forwarded, order
 
 def _batch(store: MemoryStore) -> tuple[VisitorStage, Staged, Effects]:
     staged = Staged(store)
-    return VisitorStage(staged), staged, Effects()
+    return VisitorStage(staged, touch_horizon(REF)), staged, Effects()
 
 
 def _commit(stage: VisitorStage, staged: Staged, store: MemoryStore) -> None:
