@@ -74,7 +74,7 @@ MAX_WAITING_ORDERS = 20_000
 MAX_POLL_RECORDS = 2_000
 #: How long the broker may hold a fetch for more data (aiokafka's default 500 ms would be
 #: added to every hop of an order's way).
-FETCH_MAX_WAIT_MS = 50
+FETCH_MAX_WAIT_MS = 10
 
 
 @lru_cache(maxsize=262_144)  # one visitor's events come many at a time; murmur2 is pure Python
@@ -92,6 +92,15 @@ class WaitingOrder:
     clicks_end: int = -1
     visitor_end: int = -1
     orders_end: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Decided:
+    """A batch decided: what to do, the state to write, the offsets to commit after."""
+
+    effects: Effects
+    staged: dict[int, dict[str, Staged]]
+    offsets: dict[TopicPartition, int]
 
 
 @dataclass
@@ -140,6 +149,11 @@ class Engine:
         self.max_records = min(config.batch_size, MAX_POLL_RECORDS)
         self._to_open: set[int] = set()
         self._assignment_changed = False
+        #: The batch whose effects are being made while the next one is decided.
+        self._inflight: asyncio.Future[None] | None = None
+        #: Its staged writes per (store, partition), read through until they are in RocksDB
+        #: (harmless after: RocksDB then holds the same).
+        self._pending: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -172,17 +186,30 @@ class Engine:
         try:
             while not stopping.is_set():
                 generation = self.generation
+                polling = time.perf_counter()
                 batch = await self.consumer.getmany(
                     timeout_ms=int(self.config.batch_seconds * 1000), max_records=self.max_records)
+                METRICS.batch_phase_seconds.labels("poll").observe(time.perf_counter() - polling)
                 async with self.lock:
+                    if self._inflight is not None and self._inflight.done():
+                        await self._drain()  # raises what the batch in flight raised
                     if stopping.is_set():
                         break
                     if generation != self.generation:
+                        await self._drain()
                         await self._rewind(batch)
                         continue
                     if self._assignment_changed:
+                        await self._drain()
                         await self._open_assigned()
-                    await self.process(batch)
+                    if not batch and self._idle():
+                        continue  # nothing to decide, nothing to report
+                    decided = await self.decide(batch)
+                    # Effects stay in order: this batch's start after the previous one's commit.
+                    draining = time.perf_counter()
+                    await self._drain()
+                    METRICS.batch_phase_seconds.labels("wait").observe(time.perf_counter() - draining)
+                    self._inflight = asyncio.ensure_future(self.make(decided))
         finally:
             await self._stop()
 
@@ -204,8 +231,26 @@ class Engine:
         log.info("a batch fetched across a rebalance was dropped; its partitions re-read from "
                  "their committed offsets")
 
+    async def _drain(self) -> None:
+        """Wait for the batch in flight: its effects made, its state written, its offsets
+        committed. Raises what it raised."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await inflight
+
+    def _idle(self) -> bool:
+        """No batch in flight, nothing waiting, every partition's progress reported."""
+        return self._inflight is None and not any(
+            any(st.waiting.values()) or st.code_stage.waiting or st.progress_sent is None
+            for st in self.partitions.values())
+
     async def _stop(self) -> None:
         async with self.lock:
+            try:
+                await self._drain()
+            except Exception as exc:  # noqa: BLE001 - stopping anyway; nothing was committed
+                log.error("the last batch failed while stopping (it is read again): %r", exc)
+            self._pending = {}
             self.generation += 1
             for state in self.partitions.values():
                 state.close()
@@ -219,6 +264,8 @@ class Engine:
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:  # after the batch in flight has committed
+            await self._drain()
+            self._pending = {}
             self.generation += 1
             gone = {tp.partition for tp in revoked} & set(self.partitions)
             for p in gone:
@@ -300,12 +347,22 @@ class Engine:
     # --- one batch ------------------------------------------------------------------------
 
     async def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """One batch, start to commit (tests; the run loop overlaps `decide` and `make`)."""
+        await self.make(await self.decide(batch))
+
+    async def decide(self, batch: dict[TopicPartition, list[Any]]) -> "Decided":
+        """Everything up to the effects: decode, decide, stage state writes; no effect made.
+
+        State is read through the previous batch's staged writes, which may still be on their
+        way to the changelog and RocksDB.
+        """
         assert self.consumer is not None
         started = time.perf_counter()
         ref = self.reference.snapshot
         effects = Effects()
         owned = self.partitions
-        staged = {p: {name: Staged(s) for name, s in state.stores.items()}
+        staged = {p: {name: Staged(store, self._pending.get((name, p)))
+                      for name, store in state.stores.items()}
                   for p, state in owned.items()}
         horizon = touch_horizon(ref)
         visitors = {p: VisitorStage(staged[p][TOUCHES], horizon) for p in owned}
@@ -409,12 +466,20 @@ class Engine:
 
         await self._progress(effects)
         METRICS.coded_orders_waiting.set(sum(len(st.code_stage.waiting) for st in owned.values()))
-        METRICS.batch_phase_seconds.labels("decide").observe(time.perf_counter() - started)
-        await self._make(effects, staged)
-        committing = time.perf_counter()
-        await self._commit(batch)
-        METRICS.batch_phase_seconds.labels("commit").observe(time.perf_counter() - committing)
+        offsets = self._offsets_to_commit(batch)
         self._flow_control()
+        # The next batch reads through these writes until they are in RocksDB.
+        self._pending = {(name, p): store.writes for p, stores in staged.items()
+                         for name, store in stores.items()}
+        METRICS.batch_phase_seconds.labels("decide").observe(time.perf_counter() - started)
+        return Decided(effects, staged, offsets)
+
+    async def make(self, decided: "Decided") -> None:
+        """The batch's effects, state and commit (the previous batch's are all made)."""
+        await self._make(decided.effects, decided.staged)
+        committing = time.perf_counter()
+        await self._commit(decided.offsets)
+        METRICS.batch_phase_seconds.labels("commit").observe(time.perf_counter() - committing)
 
     def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
                ref: Any, effects: Effects) -> None:
@@ -585,8 +650,9 @@ class Engine:
 
         return asyncio.ensure_future(last())
 
-    async def _commit(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        assert self.consumer is not None
+    def _offsets_to_commit(self, batch: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, int]:
+        """Where each partition of the batch may commit: past what was processed, but never past
+        a record still waiting (an order for its clicks, a coded order for progress)."""
         offsets: dict[TopicPartition, int] = {}
         for tp, records in batch.items():
             if not records or tp.partition not in self.partitions:
@@ -601,6 +667,10 @@ class Engine:
             if first is not None:
                 tp = TopicPartition(self.topics[CODE], p)
                 offsets[tp] = min(offsets.get(tp, first), first)
+        return offsets
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
         offsets = {tp: o for tp, o in offsets.items() if self._committed.get(tp) != o}
         if offsets:
             try:

@@ -7,6 +7,7 @@ and calls `attribute` once per order, with the reference data current at that mo
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from collections.abc import Iterable
@@ -50,13 +51,13 @@ def referrer_host(url: str) -> str:
 PAID_CLICK_ID_PARAMS = ("gclid", "gbraid", "wbraid", "msclkid", "dclid")
 
 
-@lru_cache(maxsize=65_536)
+#: Any of the names, in any case, or a percent sign (an encoded name is only found by parsing).
+_MAY_HAVE_PAID_CLICK_ID = re.compile("|".join((*PAID_CLICK_ID_PARAMS, "%")), re.IGNORECASE)
+
+
 def paid_click_id(landing_url: str) -> str:
     """The first paid-search click id parameter present (non-empty) on `landing_url`, or ''."""
-    if "=" not in landing_url:
-        return ""
-    lowered = landing_url.lower()
-    if "%" not in lowered and not any(name in lowered for name in PAID_CLICK_ID_PARAMS):
+    if "=" not in landing_url or _MAY_HAVE_PAID_CLICK_ID.search(landing_url) is None:
         return ""  # cheap and exact: no such name anywhere (a percent-encoded one is parsed)
     try:
         params = {key.lower() for key, value in parse_qsl(urlsplit(landing_url).query) if value}
