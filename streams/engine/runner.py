@@ -149,6 +149,8 @@ class Engine:
         self.max_records = min(config.batch_size, MAX_POLL_RECORDS)
         self._to_open: set[int] = set()
         self._assignment_changed = False
+        #: Per partition read this assignment: the offset after the last record read.
+        self._read_up_to: dict[TopicPartition, int] = {}
         #: The batch whose effects are being made while the next one is decided.
         self._inflight: asyncio.Future[None] | None = None
         #: Its staged writes per (store, partition), read through until they are in RocksDB
@@ -272,6 +274,7 @@ class Engine:
                 self.partitions.pop(p).close()
             self.approvals.forget(gone)
             self._committed = {tp: o for tp, o in self._committed.items() if tp.partition not in gone}
+            self._read_up_to = {tp: o for tp, o in self._read_up_to.items() if tp.partition not in gone}
             self._paused -= {tp for tp in self._paused if tp.partition in gone}
             if gone:
                 log.info("partitions %s revoked", sorted(gone))
@@ -651,13 +654,13 @@ class Engine:
         return asyncio.ensure_future(last())
 
     def _offsets_to_commit(self, batch: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, int]:
-        """Where each partition of the batch may commit: past what was processed, but never past
-        a record still waiting (an order for its clicks, a coded order for progress)."""
-        offsets: dict[TopicPartition, int] = {}
+        """Where each partition may commit: past every record read, but never past a record
+        still waiting (an order for its clicks, a coded order for progress). A partition whose
+        last waiting record was decided in a batch without records of its own commits too."""
         for tp, records in batch.items():
-            if not records or tp.partition not in self.partitions:
-                continue
-            offsets[tp] = records[-1].offset + 1
+            if records and tp.partition in self.partitions:
+                self._read_up_to[tp] = records[-1].offset + 1
+        offsets = {tp: o for tp, o in self._read_up_to.items() if tp.partition in self.partitions}
         for p, state in self.partitions.items():
             for kind, queue in (("orders", state.waiting["orders"]), (VISITOR, state.waiting["visitor"])):
                 if queue:
