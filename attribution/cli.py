@@ -24,7 +24,7 @@ from schemas.config import Config
 from schemas.validation import MAX_BATCH_ELEMENTS
 
 app = typer.Typer(
-    help="Real-time affiliate attribution: Kafka -> Faust -> ClickHouse commission ledger.",
+    help="Real-time affiliate attribution: Kafka -> stream worker -> ClickHouse commission ledger.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -193,7 +193,7 @@ def _not_acknowledged(count: int, records: int) -> str:
 def worker(
     loglevel: str = typer.Option("info", help="crit | error | warn | info | debug"),
 ) -> None:
-    """Run the stream processor (Faust worker) until interrupted. Creates missing topics."""
+    """Run the stream processor until interrupted (SIGTERM/SIGINT: the batch in flight is finished and committed). Creates missing topics."""
     from streams.worker import run_worker
 
     run_worker(load_config(), loglevel=loglevel)

@@ -27,7 +27,7 @@ CODE_EVENTS_TOPIC = "code-events"
 REVIEWS_TOPIC = "reviews"
 #: Every abuse flag raised, for alerting systems, keyed by order_id.
 ABUSE_FLAGS_TOPIC = "abuse-flags"
-#: The worker's Faust tables (state per visitor, per order, per code), each with a changelog
+#: The worker's state stores (per visitor, per order, per code), each with a changelog
 #: topic `<app id>-<table>-changelog`.
 STATE_TABLES = ("touches", "order-ledgers", "code-redemptions")
 
@@ -93,12 +93,12 @@ class Config(BaseSettings):
 
     @property
     def app_id(self) -> str:
-        """Faust app id and consumer group: derived from the prefix so workers stay apart."""
+        """The consumer group (and changelog name prefix): derived from the prefix so workers stay apart."""
         suffix = re.sub(r"[^A-Za-z0-9_-]", "-", self.topic_prefix).strip("-")
         return f"attribution-{suffix}" if suffix else "attribution"
 
     def changelog_topic(self, table: str) -> str:
-        """Faust's name for a table's changelog topic."""
+        """The changelog topic of a state store (the name Faust gave it, kept)."""
         return f"{self.app_id}-{table}-changelog"
 
     @classmethod

@@ -1,7 +1,7 @@
 """The four input events of contract §2, as small frozen records.
 
 This module only says what a valid event *is*. Decoding raw Kafka bytes into these records, with a
-reason for every rejection, lives in `schemas.validation`. Nothing here imports Faust, Kafka or
+reason for every rejection, lives in `schemas.validation`. Nothing here imports Kafka or
 ClickHouse.
 """
 

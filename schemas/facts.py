@@ -65,7 +65,7 @@ class CommissionFact:
 class OrderLedger:
     """What the ledger remembers of one attributed order between its facts (contract §5).
 
-    Stored in a Faust table keyed by order_id, hence `to_dict`/`from_dict`. `commission` and
+    Stored in the worker's state keyed by order_id, hence `to_dict`/`from_dict`. `commission` and
     `status` are the accrual's; reversals only grow `reversed_total`, approval only sets
     `approved`.
     """
@@ -124,7 +124,7 @@ class CodeRedemptions:
     """Recent uses of one discount code, for the code-velocity flag (contract §6).
 
     `redemptions` holds (order ts, customer_id) pairs sorted by time, only those inside the
-    velocity window of the newest one. Stored in a Faust table keyed by the normalised code.
+    velocity window of the newest one. Stored in the worker's state keyed by the normalised code.
     """
 
     code: str

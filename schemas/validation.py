@@ -25,7 +25,7 @@ shortest text that reads back as the same float, i.e. the literal the producer w
 has at most 15 significant digits (`129.9` -> `Decimal('129.9')`, never
 `129.900000000000005684...`). Producers needing more digits must send strings.
 
-This module must never import Faust, Kafka or ClickHouse, nor do any I/O.
+This module must never import Kafka or ClickHouse, nor do any I/O.
 """
 
 from __future__ import annotations

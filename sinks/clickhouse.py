@@ -80,7 +80,7 @@ class Table:
 class RowSink:
     """Pending rows per table; `flush()` writes them all or raises.
 
-    Batching by size and time is the caller's (the Faust stream's `take_events`): one flush per
+    Batching by size and time is the caller's (the engine's batch): one flush per
     batch of events, then the offsets of those events may advance.
     """
 

@@ -1,6 +1,6 @@
 """Consumer lag of the worker's consumer group, as the `attribution_consumer_lag` gauge.
 
-Lag per partition = the partition's end offset minus the group's committed offset (Faust commits
+Lag per partition = the partition's end offset minus the group's committed offset (the worker commits
 the next offset to read), or minus the partition's beginning offset while the group has committed
 nothing there yet (the worker reads from the earliest offset). The committed offsets are the
 *group's*, so every worker reports the lag of all partitions, not just of the ones it owns:

@@ -1,10 +1,8 @@
 """The project's Kafka topics, created explicitly (the broker runs with auto-create off).
 
-Faust declares its own internal topics (the assignor's topic) when the worker starts; everything
-else is created here, honouring `TOPIC_PREFIX` and the partition count. The tables' changelogs
-too: Faust declared them itself just before subscribing, and on a fresh broker its consumer
-sometimes subscribed before the new topic was in its metadata, ignored it, and the first table
-write then failed (the changelog "has 0 partitions").
+Every topic the worker reads or writes is created here, honouring `TOPIC_PREFIX` and the
+partition count, the state stores' changelogs included: every input and internal topic must have
+the same partition count, since partition p of each belongs to one worker (co-partitioning).
 """
 
 from __future__ import annotations
@@ -81,3 +79,25 @@ def ensure_topics(config: Config, progress: Callable[[str], None] = lambda _: No
         return [s.name for s in missing]
     finally:
         admin.close()
+
+
+class NotCopartitioned(RuntimeError):
+    """The topics a worker joins on do not have the partition count it was configured with."""
+
+
+def check_copartitioned(config: Config) -> None:
+    """Refuse to run unless every topic of `topic_specs` with `config.partitions` partitions has
+    exactly that many: partition p of every such topic must hold the same keys."""
+    wanted = {spec.name for spec in topic_specs(config) if spec.partitions == config.partitions}
+    admin = KafkaAdminClient(bootstrap_servers=config.kafka_bootstrap, client_id="attribution-admin")
+    try:
+        described = admin.describe_topics(sorted(wanted))
+    finally:
+        admin.close()
+    wrong = {t["name"]: len(t["partitions"]) for t in described if t["error_code"] == 0
+             if len(t["partitions"]) != config.partitions}
+    if wrong:
+        listed = ", ".join(f"{name} has {count}" for name, count in sorted(wrong.items()))
+        raise NotCopartitioned(
+            f"ATTRIBUTION_PARTITIONS is {config.partitions} but {listed}: every input and internal"
+            " topic needs that many partitions (partition p of each belongs to one worker)")

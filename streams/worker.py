@@ -25,7 +25,7 @@ from sinks.metrics import serve
 from .engine.runner import Engine
 from .lag import run_lag_reporter
 from .reference import ReferenceReader
-from .topics import ensure_topics
+from .topics import NotCopartitioned, check_copartitioned, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ def run_worker(config: Config, loglevel: str = "info") -> None:
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, _LEVELS.get(loglevel, 20)))
     ensure_topics(config, progress=log.info)
+    try:
+        check_copartitioned(config)
+    except NotCopartitioned as exc:
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
     serve(config.metrics_port)
     asyncio.run(_run(config))
 
