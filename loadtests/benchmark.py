@@ -2,23 +2,35 @@
 
     python -m loadtests.benchmark [--events 300000] [--workers 1] [--json FILE] [--keep]
         [--shape interleaved|topic-by-topic|orders-first|hot-partition] [--order-share SHARE]
+        [--batch N]
 
 One run, on the local stack (`attribution stack up`), under a fresh topic prefix and database:
 
 1. **catch-up** — a generated backlog of at least `--events` events (about `--order-share` of
    them orders, when given), in the order or partitioning of `--shape` (`loadtests.generator.
-   arrange`: interleaved as a live shop sends it by default), is published, then one worker
+   arrange`: interleaved as a live shop sends it by default), is published (with `--batch N` as
+   batched records, JSON arrays of up to N events, `streams.publish.produce_lines(batch=N)`;
+   one event per record by default), then one worker
    (`attribution worker`, a subprocess) turns it into ClickHouse rows: events/s from the worker's
    start, and from its first row, until every valid click, share and order is in its table
    (counted with FINAL, against the distinct valid ids that were published);
 2. **baseline** — a plain consumer (aiokafka, no group) reads the same backlog from the 4 input
-   topics and decodes every value with the project's validator: events/s, and the pipeline's
-   share of it (it runs before the worker starts, so the two never share the machine);
-3. **latency** — with the worker caught up, a fresh stream is published at half the catch-up rate
-   for about a minute; order -> `attributed_orders` row (every order has one) and order ->
-   accrual fact (attributed orders), p50/p95/p99, seen by polling ClickHouse every 100 ms
-   (`inserted_at` has whole seconds only);
-4. **memory** — the worker's peak resident set (VmHWM).
+   topics and decodes every record with the project's decoder (`decode_record`, as the worker
+   does: an array element by element): events/s, and the pipeline's share of it (it runs before
+   the worker starts, so the two never share the machine);
+3. **bare Faust agent** — with the worker caught up (and idle), a Faust app whose only agent
+   takes batches and does nothing else (`loadtests.fetch_loop.bare_faust_read`, a child process)
+   reads the same backlog's records from the 4 input topics: records/s, the events/s they carry
+   (records/s x events per record: the agent decodes nothing), and the pipeline's share of it.
+   The agent reads records, so with `--batch` its records/s and events/s differ; the share is
+   the same in both units (events per record is the backlog's, for both);
+4. **latency** — with the worker caught up, a fresh stream is published at half the catch-up rate
+   for about a minute (with `--batch N`, as batched records of up to min(N, 20) events: the
+   publisher sends every group as soon as one is full, and an order's time is when it was handed
+   to the publisher, so the batching delay counts); order -> `attributed_orders` row (every order
+   has one) and order -> accrual fact (attributed orders), p50/p95/p99, seen by polling
+   ClickHouse every 100 ms (`inserted_at` has whole seconds only);
+5. **memory** — the worker's peak resident set (VmHWM).
 
 With `--workers N`, N workers in one consumer group (each its own process, state directory and
 log) do the catch-up and the latency phase together; memory is then the largest one worker's.
@@ -74,7 +86,14 @@ from loadtests.generator import (
 )
 from schemas.config import INPUT_TOPICS, Config
 from schemas.events import TOPIC_OF_TYPE, Order
-from schemas.validation import InvalidEvent, decode_event, encode_json, parse_reference_document
+from schemas.validation import (
+    MAX_BATCH_ELEMENTS,
+    InvalidEvent,
+    decode_event,
+    decode_record,
+    encode_json,
+    parse_reference_document,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 #: What the worker subprocess runs: the code a result belongs to.
@@ -107,6 +126,9 @@ WORKER_STOP_SECONDS = 30.0
 #: 5 ms: a shop's checkout service sends each order as it happens; the project publisher's 20 ms
 #: linger (bulk `produce`) would add to the latency being measured.
 LATENCY_PRODUCER_LINGER_MS = 5
+#: With `--batch N`, the latency phase's stream goes out as batched records of up to
+#: min(N, LATENCY_BATCH_MAX) events: a live shop batches what it has, not a backlog's worth.
+LATENCY_BATCH_MAX = 20
 #: The baseline consumer gives up when no record arrives for this long.
 BASELINE_STALL_SECONDS = 60.0
 #: The benchmark's own queries wait out a ClickHouse outage this long (the resilience test of the
@@ -257,6 +279,42 @@ def per_second(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
 
 
+def decoded_counts(value: bytes, kind: str) -> tuple[int, int]:
+    """(events, invalid events) in one record value, decoded as the worker decodes it: an array
+    element by element; a value that is unusable as a whole is one invalid event."""
+    decoded = decode_record(value, kind)
+    return len(decoded), sum(1 for item in decoded if item.error is not None)
+
+
+def latency_batch(batch: int) -> int | None:
+    """The batch size of the latency phase's publisher for `--batch batch` (None: one event per
+    record)."""
+    return min(batch, LATENCY_BATCH_MAX) if batch > 0 else None
+
+
+def bare_faust_summary(
+    records_per_s: float, records: int, events: int, pipeline_events_per_s: float,
+    pipeline_events_per_s_from_first_row: float,
+) -> dict[str, Any]:
+    """The bare agent's records/s next to the events they carry, and the pipeline's share.
+
+    The agent decodes nothing: `events_per_s` is what its records/s carry at the backlog's
+    `events / records` events per record. The pipeline's share is the same whether counted in
+    events or in records (both sides have that ratio of events per record)."""
+    events_per_record = events / records if records > 0 else 0.0
+    events_per_s = records_per_s * events_per_record
+    usable = events_per_s > 0 and math.isfinite(events_per_s)
+    return {
+        "records_per_s": round(records_per_s) if math.isfinite(records_per_s) else None,
+        "events_per_record": round(events_per_record, 2),
+        "events_per_s": round(events_per_s) if usable else None,
+        "ratio_pipeline_to_bare_faust":
+            round(pipeline_events_per_s / events_per_s, 4) if usable else None,
+        "ratio_pipeline_from_first_row_to_bare_faust":
+            round(pipeline_events_per_s_from_first_row / events_per_s, 4) if usable else None,
+    }
+
+
 # --- the machine and its processes --------------------------------------------------------------
 
 
@@ -300,12 +358,18 @@ class CpuMeter:
         self.start = time.monotonic()
         self.machine = machine_busy_seconds()
         self.used = {name: self._read(pid) for name, pid in self.pids.items()}
+        self.finished: dict[str, float] = {}
 
     def track(self, pids: dict[str, int]) -> None:
         """Count processes started during the phase (all their CPU time is the phase's)."""
         for name, pid in pids.items():
             self.pids[name] = pid
             self.used[name] = 0.0
+
+    def add_finished(self, name: str, seconds: float) -> None:
+        """Count a process that started and ended during the phase (its own CPU seconds): it is
+        the phase's load, not "others"."""
+        self.finished[name] = self.finished.get(name, 0.0) + seconds
 
     @staticmethod
     def _read(pid: int) -> float:
@@ -318,6 +382,7 @@ class CpuMeter:
         elapsed = time.monotonic() - self.start
         used = {name: (self._read(pid) - self.used[name]) / elapsed
                 for name, pid in self.pids.items()}
+        used.update({name: seconds / elapsed for name, seconds in self.finished.items()})
         machine = (machine_busy_seconds() - self.machine) / elapsed
         used["others"] = max(0.0, machine - sum(v for v in used.values() if not math.isnan(v)))
         return {name: round(value, 2) for name, value in used.items()}
@@ -633,7 +698,11 @@ def backlog_of_at_least(
     raise BenchmarkError(f"could not generate {events} events (last try: {len(lines)})")
 
 
-def publish_backlog(iso: Isolation, lines: list[bytes], console: Console) -> dict[str, Any]:
+def publish_backlog(
+    iso: Isolation, lines: list[bytes], console: Console, batch: int = 0,
+) -> dict[str, Any]:
+    """Reference data, then `lines` (one event per record, or batched records of up to `batch`
+    events); every record must be acknowledged."""
     from streams.publish import produce_lines, publish_reference
 
     reference = sample_reference()
@@ -647,16 +716,23 @@ def publish_backlog(iso: Isolation, lines: list[bytes], console: Console) -> dic
                 phase.update(done)
 
         started = time.monotonic()
-        summary = produce_lines(iso.config, lines, on_line=on_line)
+        summary = produce_lines(iso.config, lines, on_line=on_line, batch=batch or None)
         seconds = time.monotonic() - started
         phase.update(done)
+    if summary.unacknowledged:
+        raise BenchmarkError(
+            f"{summary.unacknowledged} of {summary.total_records} backlog records "
+            f"({summary.unacknowledged_events} events) were not acknowledged by the broker: "
+            f"{summary.first_error}")
     return {"sent": summary.total_sent, "by_topic": dict(summary.sent),
-            "skipped": dict(summary.skipped), "seconds": round(seconds, 2),
+            "records": summary.total_records, "records_by_topic": dict(summary.records),
+            "batch": batch, "skipped": dict(summary.skipped), "seconds": round(seconds, 2),
             "events_per_s": round(per_second(summary.total_sent, seconds))}
 
 
 def read_baseline(iso: Isolation, expected_lines: int, console: Console) -> dict[str, Any]:
-    """A plain consumer: all partitions of the input topics, beginning to end, each decoded."""
+    """A plain consumer: all partitions of the input topics, beginning to end, each record
+    decoded as the worker decodes it (an array element by element)."""
     return asyncio.run(_read_baseline(iso, expected_lines, console))
 
 
@@ -685,7 +761,7 @@ async def _read_baseline(iso: Isolation, expected_lines: int, console: Console) 
         ends = await consumer.end_offsets(partitions)
         remaining = {tp for tp in partitions if ends[tp] > 0}
         kind_of = {tp: TYPE_OF_TOPIC[tp.topic[len(iso.config.topic_prefix):]] for tp in partitions}
-        read = invalid = 0
+        read = events = invalid = 0
         last_record = time.monotonic()
         with Phase(console, "baseline consumer", sum(ends.values())) as phase:
             while remaining:
@@ -693,10 +769,9 @@ async def _read_baseline(iso: Isolation, expected_lines: int, console: Console) 
                 for tp, records in batch.items():
                     kind = kind_of[tp]
                     for record in records:
-                        try:
-                            decode_event(record.value or b"", kind)
-                        except InvalidEvent:
-                            invalid += 1
+                        found, bad = decoded_counts(record.value or b"", kind)
+                        events += found
+                        invalid += bad
                     read += len(records)
                     if records and records[-1].offset + 1 >= ends[tp]:
                         remaining.discard(tp)
@@ -713,11 +788,46 @@ async def _read_baseline(iso: Isolation, expected_lines: int, console: Console) 
         seconds = time.monotonic() - started
     finally:
         await consumer.stop()
-    if read != expected_lines:
-        console.print(f"[yellow]baseline read {read} events, {expected_lines} were published")
-    return {"client": f"aiokafka {importlib.metadata.version('aiokafka')}", "events": read,
-            "invalid": invalid, "seconds": round(seconds, 2),
-            "events_per_s": round(per_second(read, seconds))}
+    if events != expected_lines:
+        console.print(f"[yellow]baseline read {events} events, {expected_lines} were published")
+    return {"client": f"aiokafka {importlib.metadata.version('aiokafka')}", "events": events,
+            "records": read, "invalid": invalid, "seconds": round(seconds, 2),
+            "events_per_s": round(per_second(events, seconds)),
+            "records_per_s": round(per_second(read, seconds))}
+
+
+def read_bare_faust(
+    iso: Isolation, records: int, events: int, catch: dict[str, Any], console: Console,
+    meter: CpuMeter,
+) -> dict[str, Any]:
+    """A bare Faust agent reads the backlog's `records` records (`events` events) from the input
+    topics; its rate next to the catch-up's. A failure is reported, not raised: the run goes on."""
+    from loadtests.fetch_loop import bare_faust_read
+
+    topics = [iso.config.topic(topic) for topic in INPUT_TOPICS]
+    console.print(f"bare Faust agent: reading {records:,} records of {', '.join(INPUT_TOPICS)}")
+    try:
+        read = bare_faust_read(iso.config.kafka_bootstrap, topics, records,
+                               app_id=bare_faust_app_id(iso.config))
+    except RuntimeError as exc:
+        console.print(f"[yellow]bare Faust agent failed: {exc}")
+        return {"error": str(exc)[-2000:]}
+    meter.add_finished("bare_faust", read.cpu_s)
+    return {
+        **bare_faust_summary(read.records_per_s, records, events, catch["events_per_s"],
+                             catch["events_per_s_from_first_row"]),
+        "records": records, "events": events, "timed_records": read.records,
+        "timed_seconds": read.seconds, "timed_from": read.timed_from,
+        "process_seconds": read.wall_s, "process_cpu_s": round(read.cpu_s, 2),
+        "client": f"faust-streaming {importlib.metadata.version('faust-streaming')}, "
+                  "take_events(5000, within=0.2)",
+    }
+
+
+def bare_faust_app_id(config: Config) -> str:
+    """The bare agent's Faust app (its group, and the prefix of Faust's own topics): under the
+    run's app id, so that `clean_up` deletes them with the run's."""
+    return f"{config.app_id}-bare-faust"
 
 
 class Rows:
@@ -883,6 +993,7 @@ class _Published:
 
     orders: "queue.SimpleQueue[tuple[str, float]]" = field(default_factory=queue.SimpleQueue)
     sent: int = 0
+    records: int = 0  # records the events went out in (known at the end)
     first: float | None = None
     last: float | None = None
     error: BaseException | None = None
@@ -890,7 +1001,9 @@ class _Published:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _publish_stream(config: Config, lines: list[bytes], rate: float, out: _Published) -> None:
+def _publish_stream(
+    config: Config, lines: list[bytes], rate: float, out: _Published, batch: int | None = None,
+) -> None:
     from kafka import KafkaProducer
 
     from streams.publish import produce_lines
@@ -917,7 +1030,8 @@ def _publish_stream(config: Config, lines: list[bytes], rate: float, out: _Publi
         linger_ms=LATENCY_PRODUCER_LINGER_MS, max_in_flight_requests_per_connection=1, retries=10,
     )
     try:
-        produce_lines(config, timed(), producer=producer)
+        summary = produce_lines(config, timed(), producer=producer, batch=batch)
+        out.records = summary.total_records
     except BaseException as exc:  # handed to the main thread, which reports it
         out.error = exc
     finally:
@@ -927,11 +1041,13 @@ def _publish_stream(config: Config, lines: list[bytes], rate: float, out: _Publi
 
 def steady_latency(
     iso: Isolation, worker: Workers, rows: Rows, lines: list[bytes], rate: float, console: Console,
+    batch: int | None = None,
 ) -> dict[str, Any]:
-    """Publish `lines` at `rate`; time each order until its row (and accrual fact) is readable."""
+    """Publish `lines` at `rate` (as batched records of up to `batch` events when given); time
+    each order until its row (and accrual fact) is readable."""
     published = _Published()
     publisher = threading.Thread(
-        target=_publish_stream, args=(iso.config, lines, rate, published), daemon=True,
+        target=_publish_stream, args=(iso.config, lines, rate, published, batch), daemon=True,
         name="latency-publisher",
     )
     pending_rows: dict[str, float] = {}
@@ -994,6 +1110,8 @@ def steady_latency(
         "target_rate": round(rate, 1),
         "achieved_rate": round(per_second(published.sent - 1, span), 1),
         "events": published.sent,
+        "batch": batch or 0,
+        "records": published.records,
         "publish_seconds": round(span, 2),
         "orders": orders,
         "order_to_row": asdict(summarise_latency(row_delays, len(pending_rows))),
@@ -1023,10 +1141,11 @@ def clean_up(iso: Isolation, rows: Rows | None, console: Console) -> None:
                     or topic.startswith(f"{iso.config.app_id}-")]
             if mine:
                 admin.delete_topics(mine, timeout_ms=30_000)
-            try:
-                admin.delete_groups([iso.config.app_id])
-            except Exception:  # the group may never have committed; nothing to delete
-                pass
+            for group in (iso.config.app_id, bare_faust_app_id(iso.config)):
+                try:
+                    admin.delete_groups([group])
+                except Exception:  # the group may never have committed; nothing to delete
+                    pass
         finally:
             admin.close()
 
@@ -1049,6 +1168,14 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:,.0f} ms"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def worker_cores(cores: dict[str, float]) -> float:
     """The CPU meter's cores of all workers ("worker", or "worker-1", "worker-2", ...)."""
     return round(sum(v for name, v in cores.items() if name.split("-")[0] == "worker"), 2)
@@ -1065,7 +1192,11 @@ def results_table(result: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     table.add_column("notes")
     backlog, catch, base = result["backlog"], result["catch_up"], result["baseline"]
-    table.add_row("backlog", f"{backlog['events']:,} events",
+    batch = result["settings"].get("batch", 0)
+    records = backlog.get("publish", {}).get("records")
+    in_records = (f" in {records:,} records (batched, up to {batch} events each)"
+                  if batch and records else "")
+    table.add_row("backlog", f"{backlog['events']:,} events{in_records}",
                   f"{backlog.get('shape', 'interleaved')}: "
                   f"{backlog['expected']['clicks']:,} clicks, {backlog['expected']['shares']:,} shares, "
                   f"{backlog['expected']['orders']:,} orders, {backlog['expected']['refunds']:,} refunds")
@@ -1074,13 +1205,35 @@ def results_table(result: dict[str, Any]) -> Table:
                   f"{worker_cores(catch['cpu_cores'])} cores")
     table.add_row("catch-up from first row", f"{catch['events_per_s_from_first_row']:,} events/s",
                   f"first row after {catch['first_row_after_s']:.1f} s")
+    base_records = (f"; {base['records_per_s']:,} records/s"
+                    if batch and base.get("records_per_s") is not None else "")
     table.add_row("baseline consumer + decode", f"{base['events_per_s']:,} events/s",
-                  f"{base['seconds']:.1f} s, {base['client']}, no group")
+                  f"{base['seconds']:.1f} s, {base['client']}, no group{base_records}")
     table.add_row("pipeline / baseline", f"{result['ratio_pipeline_to_baseline']:.1%}", "")
+    bare = result.get("bare_faust")
+    if bare is not None and "error" in bare:
+        table.add_row("bare Faust agent", "failed", bare["error"].splitlines()[0][:120])
+    elif bare is not None:
+        value = f"{_count(bare['records_per_s'])} records/s"
+        if batch:
+            carried = (f"= {_count(bare['events_per_s'])} events/s at "
+                       f"{bare['events_per_record']} events per record (not decoded); ")
+        else:
+            carried = "one event per record (not decoded); "
+        table.add_row("bare Faust agent", value,
+                      f"{carried}{bare['timed_records']:,} records in {bare['timed_seconds']:.1f} s"
+                      f" (timed from {bare['timed_from']}), worker idle")
+        ratio = bare["ratio_pipeline_to_bare_faust"]
+        from_first = bare["ratio_pipeline_from_first_row_to_bare_faust"]
+        table.add_row("pipeline / bare Faust agent", _share(ratio),
+                      f"from first row: {_share(from_first)}"
+                      + ("; the same in events and in records" if batch else ""))
     latency = result["latency"]
     if latency is not None:
         rows, facts = latency["order_to_row"], latency["order_to_accrual_fact"]
         note = f"at {latency['achieved_rate']:,.0f} events/s for {latency['publish_seconds']:.0f} s"
+        if latency.get("batch"):
+            note += f", batched records of up to {latency['batch']} events"
         table.add_row("order -> row p50 / p95 / p99",
                       f"{_seconds(rows['p50_s'])} / {_seconds(rows['p95_s'])} / {_seconds(rows['p99_s'])}",
                       f"{rows['samples']} orders, {rows['unseen']} unseen, {note}")
@@ -1167,6 +1320,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 "events": args.events, "seed": args.seed, "partitions": iso.config.partitions,
                 "batch_size": iso.config.batch_size, "batch_seconds": iso.config.batch_seconds,
                 "workers": args.workers, "shape": args.shape, "order_share": args.order_share,
+                "batch": args.batch, "latency_batch": latency_batch(args.batch) or 0,
             },
         }
 
@@ -1183,7 +1337,10 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                              "shape": args.shape,
                              "conversion_rate": round(profile.conversion_rate, 4),
                              "order_share": round(expected.orders / max(1, len(lines)), 4)}
-        result["backlog"]["publish"] = publish_backlog(iso, lines, console)
+        result["backlog"]["publish"] = publish_backlog(iso, lines, console, args.batch)
+        if args.batch:
+            publish = result["backlog"]["publish"]
+            console.print(f"  {publish['sent']:,} events in {publish['records']:,} records")
 
         watch = PhaseWatch("baseline", stack, rows)
         result["baseline"] = read_baseline(iso, len(lines), console)
@@ -1204,6 +1361,19 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                       f"({result['catch_up']['seconds']:.0f} s), worker RSS {rss:,.0f} MB")
 
         result["caught_up"] = wait_for_zero_lag(iso, worker, console)
+
+        # After the catch-up, with the worker idle: the same records, read by a bare Faust agent.
+        watch = PhaseWatch("bare Faust agent", stack, rows, worker.pids)
+        result["bare_faust"] = read_bare_faust(
+            iso, result["baseline"]["records"], result["baseline"]["events"],
+            result["catch_up"], console, watch.cpu,
+        )
+        watch.finish(result["bare_faust"], disturbances)
+        if "error" not in result["bare_faust"]:
+            bare = result["bare_faust"]
+            console.print(f"  bare Faust agent: {_count(bare['records_per_s'])} records/s "
+                          f"({_count(bare['events_per_s'])} events/s); pipeline / bare agent "
+                          f"{_share(bare['ratio_pipeline_to_bare_faust'])}")
         rate = args.latency_rate or catch_rate * STEADY_RATE_SHARE
         fresh_visitors = visitors_for(int(rate * args.latency_seconds), len(lines) / visitors)
         # The same mix of orders as the backlog; the stream is paced, so it has no shape.
@@ -1212,7 +1382,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print(f"steady state: {len(fresh):,} fresh events at {rate:,.0f} events/s "
                       f"(~{len(fresh) / rate:.0f} s)")
         watch = PhaseWatch("latency", stack, rows, worker.pids)
-        result["latency"] = steady_latency(iso, worker, rows, fresh, rate, console)
+        result["latency"] = steady_latency(iso, worker, rows, fresh, rate, console,
+                                           latency_batch(args.batch))
         watch.finish(result["latency"], disturbances)
         for disturbance in disturbances:
             console.print(f"[yellow]disturbed: {disturbance}")
@@ -1261,6 +1432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="give up on the catch-up after this many seconds (default 1800)")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers in the consumer group, each its own process (default 1)")
+    parser.add_argument("--batch", type=int, default=0, metavar="N",
+                        help="publish the backlog as batched records: JSON arrays of up to N "
+                        f"events (1-{MAX_BATCH_ELEMENTS:,}); the latency phase then batches up "
+                        f"to min(N, {LATENCY_BATCH_MAX}) (default 0: one event per record)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     parser.add_argument("--keep", action="store_true",
                         help="keep the database, topics and worker state of the run")
@@ -1270,6 +1445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--events, --latency-seconds, --latency-rate and --workers must be positive")
     if args.order_share is not None and not 0 < args.order_share < 1:
         parser.error("--order-share must be between 0 and 1")
+    if not 0 <= args.batch <= MAX_BATCH_ELEMENTS:
+        parser.error(f"--batch must be between 0 and {MAX_BATCH_ELEMENTS} (0: no batching)")
 
     # Progress goes to stderr, results to stdout; a log file gets long lines, not 80 columns.
     progress = Console(stderr=True, soft_wrap=not sys.stderr.isatty())

@@ -6,8 +6,15 @@
 On the local stack: publishes `--records` small click-like records to a fresh 4-partition topic
 (or reads the given topics from the beginning), then reads them all with a Faust app whose only
 agent takes batches (`take_events(5000, 0.2)`) and does nothing else, in its own process, and
-prints records/s per round and their median. The benchmark calls `bare_faust_rate` on its own
+prints records/s per round and their median. The benchmark calls `bare_faust_read` on its own
 backlog in the same run. The figure bounds what any Faust agent can read here.
+
+The rate is timed from the end of the agent's first batch to the end of its last, over the
+records of every batch but the first (the first batch's records arrived before the clock
+started: counting them inflated the rate, by a whole backlog of batched records when it fits in
+one batch). When the first batch holds every record, the rate is timed from the end of the
+rebalance instead. The child also reports its own CPU time, so that a caller can tell the
+reader's load from the rest of the machine's.
 """
 
 from __future__ import annotations
@@ -15,14 +22,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from deploy.stack import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+#: The longest a child may take, from start to its rate (start-up and rebalance ~5-10 s).
+CHILD_TIMEOUT_SECONDS = 600.0
 
 RECORD = (b'{"event_id":"e0000001","type":"click","ts":"2026-11-02T10:15:00Z","visitor_id":"v1234",'
           b'"session_id":"s1","affiliate_id":"aff001","channel":"facebook"}')
@@ -53,48 +68,132 @@ def publish(bootstrap: str, topic: str, records: int) -> None:
     asyncio.run(send())
 
 
-def read_all(bootstrap: str, topics: list[str], records: int) -> None:
-    """Runs in a child process: reads `records` records, prints 'RATE <records/s>', exits."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rate_line(records: int, seconds: float, cpu_seconds: float, timed_from: str) -> str:
+    """What the child prints when done: `RATE <records/s> RECORDS <n> SECONDS <s> CPU <s> FROM <x>`."""
+    return (f"RATE {records / seconds if seconds > 0 else float('nan'):.0f} RECORDS {records} "
+            f"SECONDS {seconds:.3f} CPU {cpu_seconds:.2f} FROM {timed_from}")
+
+
+def read_all(bootstrap: str, topics: list[str], records: int, app_id: str | None = None) -> None:
+    """Runs in a child process: reads `records` records, prints `rate_line`, exits."""
     import tempfile
 
     import faust
 
     app = faust.App(
-        f"fetch-loop-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}", store="memory://",
-        datadir=tempfile.mkdtemp(prefix="fetch-loop-"),
+        app_id or f"fetch-loop-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
+        store="memory://", datadir=tempfile.mkdtemp(prefix="fetch-loop-"),
         web_enabled=False, autodiscover=False, consumer_auto_offset_reset="earliest",
         broker_max_poll_records=500, stream_buffer_maxsize=10_000,
     )
     source = app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")
-    seen = 0
+    seen = first_batch = 0
     started: float | None = None
+    assigned: float | None = None
+
+    @app.on_rebalance_complete.connect
+    def rebalanced(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        nonlocal assigned
+        assigned = assigned or time.monotonic()
 
     @app.agent(source)
     async def count(stream):  # type: ignore[no-untyped-def]
-        nonlocal seen, started
+        nonlocal seen, first_batch, started
         async for events in stream.take_events(5000, within=0.2):
-            started = started or time.monotonic()
+            now = time.monotonic()
             seen += len(events)
+            if started is None:
+                started, first_batch = now, seen
             if seen >= records:
-                print(f"RATE {seen / (time.monotonic() - started):.0f}", flush=True)
+                if seen > first_batch:
+                    line = rate_line(seen - first_batch, now - started, _cpu_seconds(),
+                                     "first-batch")
+                else:  # one batch held them all
+                    line = rate_line(seen, now - (assigned or started), _cpu_seconds(),
+                                     "rebalance")
+                print(line, flush=True)
                 os._exit(0)
 
     worker = faust.Worker(app, loglevel="warning", quiet=True)
     worker.execute_from_commandline()
 
 
+@dataclass(frozen=True)
+class BareRead:
+    """What one bare Faust agent read: `records_per_s` over `records` records in `seconds`
+    (see the module for what is timed), and the CPU its process used from start to exit."""
+
+    records_per_s: float
+    records: int
+    seconds: float
+    cpu_s: float
+    timed_from: str
+    wall_s: float  # the child process, start-up and rebalance included
+
+
+def parse_rate_line(output: str) -> tuple[float, int, float, float, str] | None:
+    """(records/s, records, seconds, cpu seconds, timed from) of the child's last `rate_line` in
+    `output`, or None when there is none. A bare `RATE <n>` line (an older child) has the rate
+    only: the rest is 0 / unknown."""
+    found = None
+    for line in output.splitlines():
+        if "RATE " not in line:
+            continue
+        words = line[line.rindex("RATE "):].split()
+        fields = dict(zip(words[::2], words[1::2]))
+        try:
+            found = (float(fields["RATE"]), int(fields.get("RECORDS", 0)),
+                     float(fields.get("SECONDS", 0.0)), float(fields.get("CPU", 0.0)),
+                     fields.get("FROM", "unknown"))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def bare_faust_read(
+    bootstrap: str, topics: list[str], records: int, app_id: str | None = None,
+    timeout: float = CHILD_TIMEOUT_SECONDS,
+) -> BareRead:
+    """A bare Faust agent reading `records` records of `topics` from the start, in a child
+    process (`app_id` names its consumer group and Faust's own topics; a fresh one by default).
+
+    Raises RuntimeError when the child prints no rate (it failed, or found fewer records than
+    `records` within `timeout`)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "loadtests.fetch_loop", "--child", "--bootstrap", bootstrap,
+               "--topics", ",".join(topics), "--records", str(records)]
+    if app_id:
+        command += ["--app-id", app_id]
+    started = time.monotonic()
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                             env=env)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout or ""
+        tail = (output.decode(errors="replace") if isinstance(output, bytes) else output)[-2000:]
+        raise RuntimeError(f"the bare Faust reader did not read {records} records within "
+                           f"{timeout:.0f} s; its output ends:\n{tail}") from exc
+    wall = time.monotonic() - started
+    parsed = parse_rate_line(out.stdout + "\n" + out.stderr)
+    if parsed is None:
+        raise RuntimeError(
+            f"the reader printed no rate (exit {out.returncode}):\n{out.stdout[-2000:]}\n"
+            f"{out.stderr[-2000:]}")
+    rate, read, seconds, cpu, timed_from = parsed
+    return BareRead(records_per_s=rate, records=read, seconds=seconds, cpu_s=cpu,
+                    timed_from=timed_from, wall_s=round(wall, 2))
+
+
 def bare_faust_rate(bootstrap: str, topics: list[str], records: int) -> float:
     """Records/s of a bare Faust agent reading `records` records of `topics` from the start."""
-    out = subprocess.run(
-        [sys.executable, "-m", "loadtests.fetch_loop", "--child",
-         "--topics", ",".join(topics), "--records", str(records)],
-        capture_output=True, text=True, timeout=600,
-    )
-    for line in (out.stdout + out.stderr).splitlines():
-        if "RATE " in line:
-            return float(line.rsplit("RATE ", 1)[1].split()[0])
-    raise RuntimeError(f"the reader printed no rate:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return bare_faust_read(bootstrap, topics, records).records_per_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,11 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=200_000, help="records in the topic")
     parser.add_argument("--rounds", type=int, default=2, help="reads per loop (alternating)")
     parser.add_argument("--topics", help="read these existing topics (comma-separated) instead")
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092"),
+                        help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP or localhost:9092)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--app-id", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092")
+    bootstrap = args.bootstrap
     if args.child:
-        read_all(bootstrap, args.topics.split(","), args.records)
+        read_all(bootstrap, args.topics.split(","), args.records, args.app_id)
         return 0
 
     Stack().up(progress=lambda line: None)

@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import time
+from typing import Any
 
 import orjson
 import pytest
+from rich.console import Console
 
 from loadtests.benchmark import (
+    LATENCY_BATCH_MAX,
     BenchmarkError,
+    CpuMeter,
     ExpectedRows,
     backlog_of_at_least,
+    bare_faust_summary,
+    decoded_counts,
     expected_rows,
+    latency_batch,
+    main,
     median_by_thirds,
     order_ids,
     percentile,
+    results_table,
     summarise_latency,
     visitors_for,
     worker_cores,
@@ -224,3 +235,109 @@ def test_an_order_heavy_topic_by_topic_backlog() -> None:
 def test_an_unreachable_order_share_is_a_benchmark_error() -> None:
     with pytest.raises(BenchmarkError, match="order_share"):
         backlog_of_at_least(6000, seed=3, order_share=0.9)
+
+
+# --- batched records, the bare Faust agent, the report ---
+
+
+def test_decoded_counts_count_the_events_of_a_record_as_the_worker_decodes_them() -> None:
+    assert decoded_counts(click("e-1"), "click") == (1, 0)
+    batched = b"[" + b",".join([click("e-1"), click("e-2"), order("e-3", "o-1")]) + b"]"
+    assert decoded_counts(batched, "click") == (3, 1)  # an order on the clicks topic
+    assert decoded_counts(b"[]", "click") == (0, 0)
+    assert decoded_counts(b"not json", "click") == (1, 1)
+
+
+def test_the_latency_phase_batches_only_with_batch_and_at_most_a_few_events() -> None:
+    assert latency_batch(0) is None
+    assert latency_batch(5) == 5
+    assert latency_batch(100) == LATENCY_BATCH_MAX == 20
+
+
+def test_bare_faust_summary_of_single_event_records() -> None:
+    summary = bare_faust_summary(8000.0, records=300_000, events=300_000,
+                                 pipeline_events_per_s=6000.0,
+                                 pipeline_events_per_s_from_first_row=7000.0)
+    assert summary == {"records_per_s": 8000, "events_per_record": 1.0, "events_per_s": 8000,
+                       "ratio_pipeline_to_bare_faust": 0.75,
+                       "ratio_pipeline_from_first_row_to_bare_faust": 0.875}
+
+
+def test_bare_faust_summary_of_batched_records_is_the_same_share_in_events_and_records() -> None:
+    records, events, seconds = 5000, 300_000, 20.0
+    summary = bare_faust_summary(2500.0, records=records, events=events,
+                                 pipeline_events_per_s=events / seconds,
+                                 pipeline_events_per_s_from_first_row=events / seconds)
+    assert summary["events_per_record"] == 60.0
+    assert summary["events_per_s"] == 150_000
+    share = summary["ratio_pipeline_to_bare_faust"]
+    assert share == pytest.approx((records / seconds) / 2500.0) == pytest.approx(0.1)
+
+
+def test_bare_faust_summary_without_records_has_no_share() -> None:
+    summary = bare_faust_summary(0.0, records=0, events=0, pipeline_events_per_s=10.0,
+                                 pipeline_events_per_s_from_first_row=10.0)
+    assert summary["ratio_pipeline_to_bare_faust"] is None
+
+
+def test_a_process_that_ended_in_the_phase_counts_as_its_own_not_as_others() -> None:
+    meter = CpuMeter({})
+    time.sleep(0.05)
+    meter.add_finished("bare_faust", 0.5)
+    cores = meter.cores()
+    assert cores["bare_faust"] > 0
+    assert "benchmark" in cores and "others" in cores
+    assert os.getpid() == meter.pids["benchmark"]
+
+
+@pytest.mark.parametrize("argv", [["--batch", "-1"], ["--batch", "10001"]])
+def test_batch_out_of_range_is_a_usage_error(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+
+
+def _result(batch: int, bare: dict[str, Any] | None) -> dict[str, Any]:
+    expected = {"clicks": 240_000, "shares": 50_000, "orders": 4_500, "refunds": 300}
+    return {
+        "tag": "t", "code": {"commit": "abc"},
+        "settings": {"workers": 1, "batch": batch},
+        "machine": {"nproc": 2, "ram_gib": 8, "cpu_model": "cpu", "python": "3.11",
+                    "kafka": "4.1.1", "clickhouse": "18.16"},
+        "backlog": {"events": 300_000, "expected": expected, "shape": "interleaved",
+                    "publish": {"records": 5_000 if batch else 300_000}},
+        "catch_up": {"events_per_s": 6_000, "seconds": 50.0, "cpu_cores": {"worker": 1.0},
+                     "events_per_s_from_first_row": 7_000, "first_row_after_s": 7.1},
+        "baseline": {"events_per_s": 60_000, "seconds": 5.0, "client": "aiokafka",
+                     "records_per_s": 1_000},
+        "ratio_pipeline_to_baseline": 0.1, "latency": None, "memory": {"peak_rss_mb": 300},
+        "disturbances": [], "bare_faust": bare,
+    }
+
+
+def _text(result: dict[str, Any]) -> str:
+    console = Console(width=250, record=True)
+    console.print(results_table(result))
+    return console.export_text()
+
+
+def test_the_table_shows_the_bare_agent_and_the_share_of_it() -> None:
+    bare = bare_faust_summary(8000.0, 300_000, 300_000, 6000.0, 7000.0)
+    bare.update(timed_records=295_000, timed_seconds=36.9, timed_from="first-batch")
+    text = _text(_result(0, bare))
+    assert "bare Faust agent" in text and "8,000 records/s" in text
+    assert "pipeline / bare Faust agent" in text and "75.0%" in text and "87.5%" in text
+
+
+def test_the_table_of_a_batched_run_shows_records_and_events() -> None:
+    bare = bare_faust_summary(2500.0, 5_000, 300_000, 6000.0, 7000.0)
+    bare.update(timed_records=4_000, timed_seconds=1.6, timed_from="first-batch")
+    text = _text(_result(100, bare))
+    assert "300,000 events in 5,000 records" in text
+    assert "2,500 records/s" in text and "150,000 events/s at 60.0 events per record" in text
+    assert "1,000 records/s" in text  # the baseline's
+
+
+def test_the_table_says_when_the_bare_agent_failed_and_runs_without_it() -> None:
+    assert "failed" in _text(_result(0, {"error": "the reader printed no rate\n..."}))
+    assert "bare Faust agent" not in _text(_result(0, None))
