@@ -3,7 +3,8 @@
 The sink is the only way rows reach ClickHouse. It never drops a row: `flush()` retries transient
 failures (server down, network, timeouts) in place with capped exponential backoff until the rows
 are in, and raises `SinkFatal` for errors a retry cannot fix (unknown table, bad credentials), so
-the caller stops without advancing offsets. It must never be called from two threads at once.
+the caller stops without advancing offsets. `add` and `flush` must never be called from two
+threads at once (a flush inserts into each table on a thread of its own).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +91,9 @@ class RowSink:
     max_pending_rows: int = 500_000
     sleep: Callable[[float], None] = time.sleep
     _pending: dict[str, list[Sequence[Any]]] = field(default_factory=dict)
-    _client: Client | None = None
+    #: One connection per table: a flush inserts into its tables at once, each on its own.
+    _clients: dict[str, Client] = field(default_factory=dict)
+    _pool: ThreadPoolExecutor | None = None
 
     def add(self, table: str, row: Sequence[Any]) -> None:
         if self.pending_rows() >= self.max_pending_rows:
@@ -106,15 +110,33 @@ class RowSink:
         return sum(len(rows) for rows in self._pending.values())
 
     def flush(self) -> int:
-        """Write every pending row; returns how many. Retries transient errors until done."""
-        written = 0
-        for table_name in list(self._pending):
-            rows = self._pending[table_name]
-            if rows:
-                self._insert_with_retry(self.tables[table_name], rows)
-                written += len(rows)
-            del self._pending[table_name]
-        return written
+        """Write every pending row; returns how many. Retries transient errors until done.
+
+        Tables are inserted into at once (one connection each): a batch's latency is its slowest
+        insert, not the sum of them. A fatal error is raised once every table's insert ended.
+        """
+        pending = {name: rows for name, rows in self._pending.items() if rows}
+        if len(pending) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=len(self.tables),
+                                                thread_name_prefix="clickhouse-insert")
+            futures = {name: self._pool.submit(self._insert_with_retry, self.tables[name], rows)
+                       for name, rows in pending.items()}
+            failure: BaseException | None = None
+            for name, future in futures.items():
+                try:
+                    future.result()
+                    del self._pending[name]
+                except BaseException as exc:  # noqa: BLE001 - raised below, after the others
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+        else:
+            for name, rows in pending.items():
+                self._insert_with_retry(self.tables[name], rows)
+                del self._pending[name]
+        self._pending.clear()
+        return sum(len(rows) for rows in pending.values())
 
     def _insert_with_retry(self, table: Table, rows: list[Sequence[Any]]) -> None:
         backoff = FIRST_BACKOFF_SECONDS
@@ -123,11 +145,11 @@ class RowSink:
             attempt += 1
             started = time.perf_counter()
             try:
-                client = self._connected()
+                client = self._connected(table.name)
                 client.execute(table.insert_sql(self.target.database), rows)
             except Exception as exc:  # classified below: nothing is swallowed silently
                 METRICS.clickhouse_insert_errors.labels(table.name).inc()
-                self._drop_client()
+                self._drop_client(table.name)
                 if not is_transient(exc):
                     raise SinkFatal(f"insert into {table.name} failed: {exc}") from exc
                 log.warning(
@@ -142,18 +164,23 @@ class RowSink:
             METRICS.clickhouse_insert_batches.labels(table.name).inc()
             return
 
-    def _connected(self) -> Client:
-        if self._client is None:
-            self._client = connect(self.target)
-        return self._client
+    def _connected(self, table: str) -> Client:
+        client = self._clients.get(table)
+        if client is None:
+            client = self._clients[table] = connect(self.target)
+        return client
 
-    def _drop_client(self) -> None:
-        if self._client is not None:
+    def _drop_client(self, table: str) -> None:
+        client = self._clients.pop(table, None)
+        if client is not None:
             try:
-                self._client.disconnect()
+                client.disconnect()
             except Exception:  # already broken; we only want a fresh connection next time
                 pass
-            self._client = None
 
     def close(self) -> None:
-        self._drop_client()
+        for table in list(self._clients):
+            self._drop_client(table)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
