@@ -151,11 +151,6 @@ class Engine:
         self._assignment_changed = False
         #: Per partition read this assignment: the offset after the last record read.
         self._read_up_to: dict[TopicPartition, int] = {}
-        #: The batch whose effects are being made while the next one is decided.
-        self._inflight: asyncio.Future[None] | None = None
-        #: Its staged writes per (store, partition), read through until they are in RocksDB
-        #: (harmless after: RocksDB then holds the same).
-        self._pending: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -193,25 +188,19 @@ class Engine:
                     timeout_ms=int(self.config.batch_seconds * 1000), max_records=self.max_records)
                 METRICS.batch_phase_seconds.labels("poll").observe(time.perf_counter() - polling)
                 async with self.lock:
-                    if self._inflight is not None and self._inflight.done():
-                        await self._drain()  # raises what the batch in flight raised
                     if stopping.is_set():
                         break
                     if generation != self.generation:
-                        await self._drain()
                         await self._rewind(batch)
                         continue
                     if self._assignment_changed:
-                        await self._drain()
                         await self._open_assigned()
                     if not batch and self._idle():
                         continue  # nothing to decide, nothing to report
-                    decided = await self.decide(batch)
-                    # Effects stay in order: this batch's start after the previous one's commit.
-                    draining = time.perf_counter()
-                    await self._drain()
-                    METRICS.batch_phase_seconds.labels("wait").observe(time.perf_counter() - draining)
-                    self._inflight = asyncio.ensure_future(self.make(decided))
+                    # One batch at a time, to its commit: deciding the next batch while this
+                    # one's effects are made gained no throughput (one thread does both) and
+                    # cost every hop of an order a batch of latency.
+                    await self.process(batch)
         finally:
             await self._stop()
 
@@ -233,26 +222,14 @@ class Engine:
         log.info("a batch fetched across a rebalance was dropped; its partitions re-read from "
                  "their committed offsets")
 
-    async def _drain(self) -> None:
-        """Wait for the batch in flight: its effects made, its state written, its offsets
-        committed. Raises what it raised."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            await inflight
-
     def _idle(self) -> bool:
-        """No batch in flight, nothing waiting, every partition's progress reported."""
-        return self._inflight is None and not any(
+        """Nothing waiting, every partition's progress reported."""
+        return not any(
             any(st.waiting.values()) or st.code_stage.waiting or st.progress_sent is None
             for st in self.partitions.values())
 
     async def _stop(self) -> None:
         async with self.lock:
-            try:
-                await self._drain()
-            except Exception as exc:  # noqa: BLE001 - stopping anyway; nothing was committed
-                log.error("the last batch failed while stopping (it is read again): %r", exc)
-            self._pending = {}
             self.generation += 1
             for state in self.partitions.values():
                 state.close()
@@ -266,8 +243,6 @@ class Engine:
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:  # after the batch in flight has committed
-            await self._drain()
-            self._pending = {}
             self.generation += 1
             gone = {tp.partition for tp in revoked} & set(self.partitions)
             for p in gone:
@@ -350,22 +325,17 @@ class Engine:
     # --- one batch ------------------------------------------------------------------------
 
     async def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """One batch, start to commit (tests; the run loop overlaps `decide` and `make`)."""
+        """One batch, start to commit."""
         await self.make(await self.decide(batch))
 
     async def decide(self, batch: dict[TopicPartition, list[Any]]) -> "Decided":
-        """Everything up to the effects: decode, decide, stage state writes; no effect made.
-
-        State is read through the previous batch's staged writes, which may still be on their
-        way to the changelog and RocksDB.
-        """
+        """Everything up to the effects: decode, decide, stage state writes; no effect made."""
         assert self.consumer is not None
         started = time.perf_counter()
         ref = self.reference.snapshot
         effects = Effects()
         owned = self.partitions
-        staged = {p: {name: Staged(store, self._pending.get((name, p)))
-                      for name, store in state.stores.items()}
+        staged = {p: {name: Staged(store) for name, store in state.stores.items()}
                   for p, state in owned.items()}
         horizon = touch_horizon(ref)
         visitors = {p: VisitorStage(staged[p][TOUCHES], horizon) for p in owned}
@@ -471,14 +441,11 @@ class Engine:
         METRICS.coded_orders_waiting.set(sum(len(st.code_stage.waiting) for st in owned.values()))
         offsets = self._offsets_to_commit(batch)
         self._flow_control()
-        # The next batch reads through these writes until they are in RocksDB.
-        self._pending = {(name, p): store.writes for p, stores in staged.items()
-                         for name, store in stores.items()}
         METRICS.batch_phase_seconds.labels("decide").observe(time.perf_counter() - started)
         return Decided(effects, staged, offsets)
 
     async def make(self, decided: "Decided") -> None:
-        """The batch's effects, state and commit (the previous batch's are all made)."""
+        """The batch's effects, state and commit."""
         await self._make(decided.effects, decided.staged)
         committing = time.perf_counter()
         await self._commit(decided.offsets)

@@ -41,19 +41,15 @@ class KeyValue(Protocol):
 
 
 class Staged:
-    """A store partition seen through one batch's not-yet-made writes (and, while the previous
-    batch's writes are on their way to RocksDB, through those: `pending`)."""
+    """A store partition seen through one batch's not-yet-made writes."""
 
-    def __init__(self, base: KeyValue, pending: Mapping[bytes, bytes | None] | None = None) -> None:
+    def __init__(self, base: KeyValue) -> None:
         self.base = base
-        self.pending = pending or {}
         self.writes: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.writes:
             return self.writes[key]
-        if key in self.pending:
-            return self.pending[key]
         return self.base.get(key)
 
     def put(self, key: bytes, value: bytes | None) -> None:
@@ -61,11 +57,10 @@ class Staged:
         self.writes[key] = value
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        merged = {**self.pending, **self.writes}
         for key, value in self.base.items():
-            if key not in merged:
+            if key not in self.writes:
                 yield key, value
-        for key, staged in merged.items():
+        for key, staged in self.writes.items():
             if staged is not None:
                 yield key, staged
 
