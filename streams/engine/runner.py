@@ -201,8 +201,9 @@ class Engine:
                     # one's effects are made gained no throughput (one thread does both) and
                     # cost every hop of an order a batch of latency.
                     await self.process(batch)
-        finally:
-            await self._stop()
+        except Exception:
+            raise  # fatal: the caller exits at once, committing nothing; the batch is read again
+        await self._stop()  # a graceful stop only
 
     async def _rewind(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """A batch fetched across a rebalance is not processed: its partitions that are still

@@ -380,6 +380,7 @@ class LedgerStage:
         self.store = store
         self.approvals = approvals
         self._entries: dict[str, Entry] = {}
+        self._loaded: dict[str, bytes | None] = {}  # as stored when the batch first read it
 
     def index_pending(self) -> int:
         """Put this partition's pending orders on the approvals index (after an assignment)."""
@@ -395,7 +396,9 @@ class LedgerStage:
     def entry(self, order_id: str) -> Entry:
         entry = self._entries.get(order_id)
         if entry is None:
-            entry = self._entries[order_id] = Entry.load(self.store.get(order_id.encode()))
+            raw = self.store.get(order_id.encode())
+            entry = self._entries[order_id] = Entry.load(raw)
+            self._loaded[order_id] = raw
         return entry
 
     def receive(self, item: bytes, effects: Effects, metrics: Any) -> None:
@@ -486,6 +489,10 @@ class LedgerStage:
         metrics.facts_written.labels(fact.kind).inc()
 
     def finish(self) -> None:
+        """Stage the entries this batch changed (a duplicate or a no-op changes none)."""
         for order_id, entry in self._entries.items():
-            self.store.put(order_id.encode(), entry.dump())
+            raw = entry.dump()
+            if raw != self._loaded.get(order_id):
+                self.store.put(order_id.encode(), raw)
         self._entries.clear()
+        self._loaded.clear()
