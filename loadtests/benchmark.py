@@ -425,6 +425,12 @@ def code_under_test() -> dict[str, Any]:
         return {"commit": None, "error": repr(exc)}
 
 
+def describe_code(code: dict[str, Any]) -> str:
+    """`commit` or `commit + uncommitted a.py, b.py`, from `code_under_test`."""
+    changed = code.get("uncommitted_pipeline_files") or []
+    return f"{code.get('commit')}" + (f" + uncommitted {', '.join(changed)}" if changed else "")
+
+
 # --- progress -----------------------------------------------------------------------------------
 
 
@@ -1348,9 +1354,19 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print(f"  baseline: {result['baseline']['events_per_s']:,} events/s")
 
         watch = PhaseWatch("catch-up", stack, rows)
+
+        def on_start(pids: dict[str, int]) -> None:
+            watch.cpu.track(pids)
+            # The checkout is shared: the worker runs what is there when it starts, not what
+            # was there when the run began.
+            result["code_at_worker_start"] = code_under_test()
+            if result["code_at_worker_start"] != result["code"]:
+                disturbances.append(
+                    f"the code changed between the run's start ({describe_code(result['code'])}) "
+                    f"and the worker's ({describe_code(result['code_at_worker_start'])})")
+
         result["catch_up"] = catch_up(
-            worker, rows, expected, len(lines), args.catchup_timeout, console,
-            on_start=watch.cpu.track,
+            worker, rows, expected, len(lines), args.catchup_timeout, console, on_start=on_start,
         )
         watch.finish(result["catch_up"], disturbances)
         rss, _ = worker.sample_memory()

@@ -21,6 +21,7 @@ from loadtests.benchmark import (
     backlog_of_at_least,
     bare_faust_summary,
     decoded_counts,
+    describe_code,
     expected_rows,
     latency_batch,
     main,
@@ -341,3 +342,9 @@ def test_the_table_of_a_batched_run_shows_records_and_events() -> None:
 def test_the_table_says_when_the_bare_agent_failed_and_runs_without_it() -> None:
     assert "failed" in _text(_result(0, {"error": "the reader printed no rate\n..."}))
     assert "bare Faust agent" not in _text(_result(0, None))
+
+
+def test_describe_code_names_the_commit_and_what_differs_from_it() -> None:
+    assert describe_code({"commit": "abc", "uncommitted_pipeline_files": []}) == "abc"
+    assert describe_code({"commit": "abc", "uncommitted_pipeline_files": ["a.py", "b.py"]}) \
+        == "abc + uncommitted a.py, b.py"
