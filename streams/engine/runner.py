@@ -72,6 +72,9 @@ MAX_WAITING_ORDERS = 20_000
 #: latency, smaller ones per-batch overhead (a ClickHouse insert, a produce round trip and a
 #: commit per batch).
 MAX_POLL_RECORDS = 2_000
+#: Commit at most this often: nothing waits for commits (they only bound what a restart reads
+#: again), and a commit is a round trip that every batch paid.
+COMMIT_INTERVAL_SECONDS = 0.5
 #: How long the broker may hold a fetch for more data (aiokafka's default 500 ms would be
 #: added to every hop of an order's way).
 FETCH_MAX_WAIT_MS = 10
@@ -151,6 +154,11 @@ class Engine:
         self._assignment_changed = False
         #: Per partition read this assignment: the offset after the last record read.
         self._read_up_to: dict[TopicPartition, int] = {}
+        #: Offsets of batches whose effects are made, not committed yet, and when it last did.
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
+        #: Ledger items this worker forwarded and applied at once, until they come back.
+        self._applied_here: set[tuple[str, str]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -231,6 +239,7 @@ class Engine:
 
     async def _stop(self) -> None:
         async with self.lock:
+            await self._commit({}, now=True)
             self.generation += 1
             for state in self.partitions.values():
                 state.close()
@@ -243,7 +252,8 @@ class Engine:
         await asyncio.to_thread(self.sink.close)
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self.lock:  # after the batch in flight has committed
+        async with self.lock:  # after the batch in flight has made its effects
+            await self._commit({}, now=True)
             self.generation += 1
             gone = {tp.partition for tp in revoked} & set(self.partitions)
             for p in gone:
@@ -252,6 +262,7 @@ class Engine:
             self._committed = {tp: o for tp, o in self._committed.items() if tp.partition not in gone}
             self._read_up_to = {tp: o for tp, o in self._read_up_to.items() if tp.partition not in gone}
             self._paused -= {tp for tp in self._paused if tp.partition in gone}
+            self._applied_here.clear()  # echoes now go to whoever owns their partition
             if gone:
                 log.info("partitions %s revoked", sorted(gone))
 
@@ -429,10 +440,27 @@ class Engine:
         for tp, records in by_kind[LEDGER]:
             for record in records:
                 for item in orjson.loads(record.value):
+                    echo = _ledger_item_id(item)
+                    if echo in self._applied_here:
+                        self._applied_here.discard(echo)  # this worker applied it when it forwarded it
+                        continue
                     ledgers[tp.partition].receive(orjson.dumps(item), effects, METRICS)
                     if item.get("type") == "decided_order" and record.timestamp:
                         effects.latency_from.setdefault("commission_facts", []).append(
                             record.timestamp / 1000)
+        # What this batch forwards to a ledger partition this worker owns is applied now, not a
+        # batch later when it comes back (it is still forwarded: the topic is what a restart or
+        # the partition's next owner reads, and the ledger applies each item once).
+        for fwd in effects.forwards:
+            if fwd.topic != LEDGER:
+                continue
+            q = partition_of(fwd.key, self.n)
+            if q in ledgers:
+                ledgers[q].receive(fwd.item, effects, METRICS)
+                self._applied_here.add(_ledger_item_id(orjson.loads(fwd.item)))
+                if fwd.timestamp_ms:
+                    effects.latency_from.setdefault("commission_facts", []).append(
+                        fwd.timestamp_ms / 1000)
         for order_id, p in list(self.approvals.due(set(owned))):
             ledgers[p].approve(order_id, effects, METRICS)
         for ledger_stage in ledgers.values():
@@ -640,9 +668,18 @@ class Engine:
                 offsets[tp] = min(offsets.get(tp, first), first)
         return offsets
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, offsets: dict[TopicPartition, int], *, now: bool = False) -> None:
+        """Commit `offsets` (a batch's, all of its effects made), or keep them for the next
+        commit when the last one was less than COMMIT_INTERVAL_SECONDS ago. A rebalance and a
+        graceful stop commit what is kept (`now`)."""
         assert self.consumer is not None
-        offsets = {tp: o for tp, o in offsets.items() if self._committed.get(tp) != o}
+        self._to_commit.update(offsets)
+        if not now and time.monotonic() - self._last_commit < COMMIT_INTERVAL_SECONDS:
+            return
+        offsets, self._to_commit = self._to_commit, {}
+        self._last_commit = time.monotonic()
+        offsets = {tp: o for tp, o in offsets.items()
+                   if self._committed.get(tp) != o and tp.partition in self.partitions}
         if offsets:
             try:
                 await self.consumer.commit(offsets)
@@ -669,6 +706,14 @@ class Engine:
 
 #: Latency samples per table and batch: evenly spread over the batch, enough for quantiles.
 LATENCY_SAMPLES = 100
+
+
+def _ledger_item_id(item: dict[str, Any]) -> tuple[str, str]:
+    """What identifies a `ledger-events` item: a decision by its order, a refund or review by
+    its event."""
+    if item.get("type") == "decided_order":
+        return ("decided_order", str(item.get("order_id")))
+    return (str(item.get("type")), str(item.get("event_id")))
 
 
 def _observe_latency(record_times: dict[str, list[float]]) -> None:
