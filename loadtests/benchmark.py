@@ -958,9 +958,9 @@ def catch_up(
     }
 
 
-def group_lag(iso: Isolation) -> int | None:
-    """Messages the worker's consumer group has not committed yet, over its topics (None: the
-    group has committed nothing yet)."""
+def group_lag_by_partition(iso: Isolation) -> dict[str, int] | None:
+    """Messages the worker's consumer group has not committed yet, by "topic[partition]" of its
+    topics (without the prefix; None: the group has committed nothing yet)."""
     from kafka import KafkaConsumer
     from kafka.admin import KafkaAdminClient
 
@@ -973,24 +973,36 @@ def group_lag(iso: Isolation) -> int | None:
         if not ours:
             return None
         ends = consumer.end_offsets(list(ours))
-        return sum(max(0, ends[tp] - offset) for tp, offset in ours.items())
+        prefix = len(iso.config.topic_prefix)
+        return {f"{tp.topic[prefix:]}[{tp.partition}]": max(0, ends[tp] - offset)
+                for tp, offset in sorted(ours.items())}
     finally:
         consumer.close()
         admin.close()
 
 
+def group_lag(iso: Isolation) -> int | None:
+    """Messages the worker's consumer group has not committed yet, over its topics (None: the
+    group has committed nothing yet)."""
+    lags = group_lag_by_partition(iso)
+    return None if lags is None else sum(lags.values())
+
+
 def wait_for_zero_lag(iso: Isolation, worker: Workers, console: Console) -> dict[str, Any]:
     started = time.monotonic()
-    lag = group_lag(iso)
-    while lag != 0 and time.monotonic() - started < LAG_WAIT_SECONDS:
+    lags = group_lag_by_partition(iso)
+    while (lags is None or any(lags.values())) \
+            and time.monotonic() - started < LAG_WAIT_SECONDS:
         worker.check_alive()
         time.sleep(1.0)
-        lag = group_lag(iso)
+        lags = group_lag_by_partition(iso)
     seconds = time.monotonic() - started
+    lag = None if lags is None else sum(lags.values())
+    behind = {where: n for where, n in (lags or {}).items() if n}
     if lag != 0:
-        console.print(f"[yellow]the worker's consumer lag is still {lag} after {seconds:.0f} s; "
-                      "measuring latency anyway")
-    return {"lag": lag, "waited_s": round(seconds, 2)}
+        console.print(f"[yellow]the worker's consumer lag is still {lag} after {seconds:.0f} s "
+                      f"({behind}); measuring latency anyway")
+    return {"lag": lag, "lag_by_partition": behind, "waited_s": round(seconds, 2)}
 
 
 @dataclass
