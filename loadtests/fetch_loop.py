@@ -220,20 +220,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"publishing {args.records:,} records to {own_topic} ...", flush=True)
         publish(bootstrap, own_topic, args.records)
     rates: list[float] = []
+    # Each round's Faust app (its group, and Faust's own `<app id>-__assignor-__leader` topic).
+    app_ids = [f"fetch-loop-{uuid.uuid4().hex[:8]}" for _ in range(args.rounds)]
     try:
-        for round_ in range(1, args.rounds + 1):
-            rate = bare_faust_rate(bootstrap, topics, args.records)
+        for round_, app_id in enumerate(app_ids, 1):
+            rate = bare_faust_read(bootstrap, topics, args.records, app_id=app_id).records_per_s
             rates.append(rate)
             print(f"round {round_}: bare Faust agent {rate:10,.0f} records/s", flush=True)
     finally:
-        if own_topic is not None:
-            from kafka.admin import KafkaAdminClient
+        from kafka.admin import KafkaAdminClient
 
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-            try:
-                admin.delete_topics([own_topic])
-            finally:
-                admin.close()
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            mine = [topic for topic in admin.list_topics()
+                    if topic == own_topic or any(topic.startswith(f"{app_id}-") for app_id in app_ids)]
+            if mine:
+                admin.delete_topics(mine)
+            for app_id in app_ids:
+                try:
+                    admin.delete_groups([app_id])
+                except Exception:  # a round that never joined has no group
+                    pass
+        finally:
+            admin.close()
     print(f"median: bare Faust agent {statistics.median(rates):,.0f} records/s")
     return 0
 
