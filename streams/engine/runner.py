@@ -204,6 +204,7 @@ class Engine:
                     if self._assignment_changed:
                         await self._open_assigned()
                     if not batch and self._idle():
+                        await self._commit({})  # what the last batches left to commit
                         continue  # nothing to decide, nothing to report
                     # One batch at a time, to its commit: deciding the next batch while this
                     # one's effects are made gained no throughput (one thread does both) and

@@ -196,3 +196,35 @@ def test_every_attribution_and_ledger_rule_lands_in_clickhouse_as_the_rules_say(
     assert all(Decimal(net) >= 0 for _, net in nets)
     view_total = isolated.query("SELECT sum(net_commission) FROM {db}.affiliate_channel_daily")[0][0]
     assert Decimal(view_total) == sum(Decimal(a) for _, a, _ in EXPECTED_FACTS.values())
+
+
+def test_once_the_work_is_done_the_group_has_committed_every_partition_to_its_end(isolated):
+    """Consumer lag reaches 0: a partition whose last waiting record was decided later, an
+    idle worker's last batches, and ledger items applied in the batch that forwarded them (their
+    echoes) are all committed (the lag alert would fire forever otherwise)."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    publish_scenario(isolated.config)
+    isolated.worker().start()
+    wait_until_complete(isolated)
+
+    config = isolated.config
+    topics = [config.topic(t) for t in ("clicks", "orders", "refunds", "shares", "reviews",
+                                         "visitor-events", "code-events", "ledger-events")]
+    consumer = KafkaConsumer(bootstrap_servers=config.kafka_bootstrap, group_id=config.app_id,
+                             enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(t, p) for t in topics for p in range(config.partitions)]
+        deadline = time.monotonic() + 30
+        while True:
+            ends = consumer.end_offsets(partitions)
+            behind = {f"{tp.topic}/{tp.partition}": (consumer.committed(tp) or 0, end)
+                      for tp, end in ends.items() if (consumer.committed(tp) or 0) < end}
+            if not behind or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        consumer.close()
+    assert behind == {}, f"committed < end offset after 30 s: {behind}"
