@@ -127,7 +127,7 @@ ENV_KEYS = ("KAFKA_BOOTSTRAP", "TOPIC_PREFIX", "CLICKHOUSE_URL", "METRICS_PORT",
             "ATTRIBUTION_PARTITIONS", "ATTRIBUTION_STATE_DIR", "ATTRIBUTION_BATCH_SECONDS")
 
 
-def make_isolated(stack: Any, state_dir: Path) -> Isolated:
+def make_isolated(stack: Any, state_dir: Path, partitions: int = 4) -> Isolated:
     from schemas.config import Config
     from sinks.migrate import migrate_server
     from streams.topics import ensure_topics
@@ -139,7 +139,7 @@ def make_isolated(stack: Any, state_dir: Path) -> Isolated:
         TOPIC_PREFIX=f"t{tag}.",
         CLICKHOUSE_URL=f"clickhouse://default@{stack.clickhouse_address}/t_{tag}",
         METRICS_PORT="0",
-        ATTRIBUTION_PARTITIONS="4",
+        ATTRIBUTION_PARTITIONS=str(partitions),
         ATTRIBUTION_STATE_DIR=str(state_dir / tag),
         ATTRIBUTION_BATCH_SECONDS="0.2",
         PYTHONPATH=str(REPO),

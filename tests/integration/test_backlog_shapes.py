@@ -19,10 +19,8 @@ from one partition.
 
 from __future__ import annotations
 
-import os
 import re
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -36,7 +34,7 @@ import pytest
 from loadtests.generator import SHAPES, arrange, generate, plan_profile, sample_reference
 from schemas.validation import parse_reference_document
 from streams.publish import produce_lines, publish_reference
-from conftest import ENV_KEYS, REPO, Isolated  # tests/conftest.py
+from conftest import Isolated, make_isolated  # tests/conftest.py
 
 pytestmark = pytest.mark.integration
 
@@ -79,36 +77,8 @@ def backlog(shape: str) -> list[Event]:
 def isolated(stack: Any, tmp_path: Path) -> Iterator[Isolated]:
     """tests/conftest.py's `isolated`, with the default `PARTITIONS` instead of 4: its own topic
     prefix, database and state directory, dropped after the test."""
-    from schemas.config import Config
-    from sinks.migrate import migrate_server
-    from streams.topics import ensure_topics
-
-    tag = uuid.uuid4().hex[:10]
-    env = dict(
-        os.environ,
-        KAFKA_BOOTSTRAP=stack.kafka_bootstrap,
-        TOPIC_PREFIX=f"t{tag}.",
-        CLICKHOUSE_URL=f"clickhouse://default@{stack.clickhouse_address}/t_{tag}",
-        METRICS_PORT="0",
-        ATTRIBUTION_PARTITIONS=str(PARTITIONS),
-        ATTRIBUTION_STATE_DIR=str(tmp_path / tag),
-        ATTRIBUTION_BATCH_SECONDS="0.2",
-        PYTHONPATH=str(REPO),
-    )
-    saved = {key: os.environ.get(key) for key in ENV_KEYS}
-    os.environ.update({key: env[key] for key in ENV_KEYS})
-    try:
-        config = Config.from_env()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    assert config.partitions == PARTITIONS
-    migrate_server(config.clickhouse)
-    ensure_topics(config)
-    made = Isolated(env, config)
+    made = make_isolated(stack, tmp_path, partitions=PARTITIONS)
+    assert made.config.partitions == PARTITIONS
     yield made
     for worker in made.workers:
         worker.stop()
