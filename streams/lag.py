@@ -6,7 +6,7 @@ nothing there yet (the worker reads from the earliest offset). The committed off
 *group's*, so every worker reports the lag of all partitions, not just of the ones it owns:
 aggregate with `max by (topic, partition)`, never `sum`, across workers.
 
-Uses its own group-less consumer and admin client (like the click barrier), so it never joins
+Uses its own group-less consumer and admin client, so it never joins
 the group or moves its offsets. It must never stop the worker: errors are logged and retried.
 """
 

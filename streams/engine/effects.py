@@ -71,6 +71,3 @@ class Effects:
     def forward(self, topic: str, key: bytes, item: bytes, timestamp_ms: int | None = None,
                 *, partition: int | None = None) -> None:
         self.forwards.append(Forward(topic, key, item, timestamp_ms, partition))
-
-    def row_count(self) -> int:
-        return sum(len(rows) for rows in self.rows.values())

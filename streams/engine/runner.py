@@ -47,6 +47,7 @@ from schemas.config import (
     DEAD_LETTERS_TOPIC,
     LEDGER_EVENTS_TOPIC,
     REVIEWS_TOPIC,
+    STATE_TABLES,
     VISITOR_EVENTS_TOPIC,
     Config,
 )
@@ -64,7 +65,7 @@ from .state import PartitionStore, Staged
 log = logging.getLogger(__name__)
 
 #: Store names (and their changelog topics `<app id>-<store>-changelog`).
-TOUCHES, LEDGERS, CODES = "touches", "order-ledgers", "code-redemptions"
+TOUCHES, LEDGERS, CODES = STATE_TABLES
 #: Pause an orders partition while this many of its orders wait for their clicks (memory bound),
 #: resume below half of it.
 MAX_WAITING_ORDERS = 20_000
@@ -367,10 +368,7 @@ class Engine:
             for record in records:
                 for event, raw in self._decode_elements(record, tp, "click", effects):
                     assert isinstance(event, Click)
-                    key = event.visitor_id.encode()
-                    if partition_of(key, self.n) != tp.partition:
-                        effects.forward(VISITOR, key, raw, record.timestamp)
-                    else:
+                    if not self._hopped(VISITOR, event.visitor_id, tp, raw, record, effects):
                         self._click(event, tp.partition, record, visitors, ref, effects)
         for tp, records in by_kind[VISITOR]:
             for record in records:
@@ -384,16 +382,14 @@ class Engine:
                         new_waiting.append((tp.partition, waiting))
         for tp, records in by_kind["shares"]:
             for record in records:
-                for event in self._decode(record, tp, "share", effects):
+                for event, _ in self._decode_elements(record, tp, "share", effects):
                     assert isinstance(event, Share)
                     effects.row("shares", share_row(event))
         for tp, records in by_kind["orders"]:
             for record in records:
                 for event, raw in self._decode_elements(record, tp, "order", effects):
                     assert isinstance(event, Order)
-                    key = event.visitor_id.encode()
-                    if partition_of(key, self.n) != tp.partition:
-                        effects.forward(VISITOR, key, raw, record.timestamp)
+                    if self._hopped(VISITOR, event.visitor_id, tp, raw, record, effects):
                         continue
                     waiting = WaitingOrder(record.offset, event, record.timestamp)
                     owned[tp.partition].waiting["orders"].append(waiting)
@@ -417,13 +413,9 @@ class Engine:
         # The ledger: decisions, refunds, reviews, then approvals.
         for tp, records in by_kind["refunds"]:
             for record in records:
-                for element in self._decode_elements(record, tp, "refund", effects):
-                    refund, raw = element
+                for refund, raw in self._decode_elements(record, tp, "refund", effects):
                     assert isinstance(refund, Refund)
-                    key = refund.order_id.encode()
-                    if partition_of(key, self.n) != tp.partition:
-                        effects.forward(LEDGER, key, raw, record.timestamp)
-                    else:
+                    if not self._hopped(LEDGER, refund.order_id, tp, raw, record, effects):
                         ledgers[tp.partition].receive(raw, effects, METRICS)
         for tp, records in by_kind["reviews"]:
             for record in records:
@@ -433,10 +425,7 @@ class Engine:
                     self._dead_letter(record, tp, exc, None, record.value or b"", effects)
                     continue
                 METRICS.events_valid.labels("reviews").inc()
-                key = review.order_id.encode()
-                if partition_of(key, self.n) != tp.partition:
-                    effects.forward(LEDGER, key, record.value, record.timestamp)
-                else:
+                if not self._hopped(LEDGER, review.order_id, tp, record.value, record, effects):
                     ledgers[tp.partition].receive(record.value, effects, METRICS)
         for tp, records in by_kind[LEDGER]:
             for record in records:
@@ -481,6 +470,16 @@ class Engine:
         await self._commit(decided.offsets)
         METRICS.batch_phase_seconds.labels("commit").observe(time.perf_counter() - committing)
 
+    def _hopped(self, topic: str, key: str, tp: TopicPartition, raw: bytes, record: Any,
+                effects: Effects) -> bool:
+        """Forward an event that came on a partition its key does not map to (Kafka's default
+        partitioner) to `topic`, keyed right; False when it is on its own partition."""
+        encoded = key.encode()
+        if partition_of(encoded, self.n) == tp.partition:
+            return False
+        effects.forward(topic, encoded, raw, record.timestamp)
+        return True
+
     def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
                ref: Any, effects: Effects) -> None:
         if visitors[p].click(click, ref, effects):
@@ -499,9 +498,6 @@ class Engine:
                 valid.append((element.event, element.raw))
         METRICS.events_valid.labels(self.kind_of[tp.topic]).inc(len(valid))
         return valid
-
-    def _decode(self, record: Any, tp: TopicPartition, expected: str, effects: Effects) -> list[Any]:
-        return [event for event, _ in self._decode_elements(record, tp, expected, effects)]
 
     def _dead_letter(self, record: Any, tp: TopicPartition, exc: InvalidEvent, index: int | None,
                      raw: bytes, effects: Effects) -> None:

@@ -1,8 +1,8 @@
 """Abuse flags of an attributed order (contract §6) and the status they give its accrual.
 
-Pure functions over frozen records: no Faust, Kafka or ClickHouse, no clock. Code velocity needs
-every use of a code across orders: the code stage (`streams.codes`) collects them into a
-`CodeRedemptions` record and asks `velocity_flag` after the order's other flags were decided here.
+Pure functions over frozen records: no Kafka or ClickHouse, no clock. Code velocity needs every
+use of a code across orders: the code stage (`streams.engine.stages.CodeStage`) collects them and
+asks `velocity_limit` / `velocity_over_limit` after the order's other flags were decided here.
 A flag never changes who earns the order; it only holds or rejects the commission.
 """
 
@@ -223,7 +223,7 @@ def flags_for_order(
 ) -> tuple[AbuseFlag, ...]:
     """Every flag that applies to an attributed order but code velocity, in the order of
     contract §6's table (velocity needs every use of the code: the code stage adds it later
-    with `velocity_flag` and `with_flags`).
+    with `velocity_limit`, `velocity_over_limit` and `with_flags`).
 
     `affiliate` is the attributed one; `latest_touch` the visitor's latest click at or before
     the order (`attribution.latest_touch`). Unattributed orders get no flags.

@@ -87,7 +87,7 @@ def decided(
 ) -> DecidedOrder:
     """The join stage's decision about `of` (an order with code SALLY20 by default).
 
-    Built like `streams.join.JoinStage.decide` does, with the commission and flags given rather
+    Built like `streams.engine.stages.decide_order` does, with the commission and flags given rather
     than computed; an attribution of method "none" gives an unattributed decision (no ledger).
     """
     placed = of if of is not None else order(discount_code="SALLY20")
