@@ -42,6 +42,7 @@ TABLES: dict[str, Table] = {
             "commission_facts",
             ("fact_id", "order_id", "affiliate_id", "program_id", "kind", "amount", "currency",
              "status", "ts", "channel", "order_ts"),
+            partition_column="order_ts",  # PARTITION BY toYYYYMM(order_ts)
         ),
         Table(
             "abuse_flags",
