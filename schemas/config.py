@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Input, output and reference topics, before `TOPIC_PREFIX`.
@@ -63,6 +63,11 @@ class Config(BaseSettings):
     )
     metrics_port: int = Field(9102, ge=0, le=65535, validation_alias="METRICS_PORT")
 
+    # Contract §1: the key of the keyed hash that stands in for ip and user_agent (schemas/pii.py),
+    # given itself or as a file holding it (read here, once). `pii_key` is the one to use.
+    pii_key_secret: SecretStr | None = Field(None, validation_alias="PII_KEY")
+    pii_key_from_file: SecretStr | None = Field(None, validation_alias="PII_KEY_FILE")
+
     # Project settings beyond the contract.
     partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")
     replication_factor: int = Field(1, ge=1, validation_alias="ATTRIBUTION_REPLICATION_FACTOR")
@@ -78,6 +83,28 @@ class Config(BaseSettings):
             raise ValueError("TOPIC_PREFIX may only contain letters, digits, '.', '_' and '-'")
         return value
 
+    @field_validator("pii_key_secret")
+    @classmethod
+    def _pii_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        return _checked_pii_key(value.get_secret_value(), "PII_KEY") if value is not None else None
+
+    @field_validator("pii_key_from_file", mode="before")
+    @classmethod
+    def _pii_key_file_is_read(cls, value: object, info: ValidationInfo) -> object:
+        path = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if path is None or (isinstance(path, str) and not path.strip()):
+            return None
+        if info.data.get("pii_key_secret") is not None:
+            raise ValueError("PII_KEY and PII_KEY_FILE are both set; give one")
+        try:
+            text = Path(str(path)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read {path}: {reason}") from None
+        if not text.strip():
+            raise ValueError(f"{path} is empty")
+        return _checked_pii_key(text, f"the key in {path}")
+
     @field_validator("clickhouse_url")
     @classmethod
     def _url_parses(cls, value: SecretStr) -> SecretStr:
@@ -87,6 +114,12 @@ class Config(BaseSettings):
     @cached_property
     def clickhouse(self) -> ClickHouseTarget:
         return ClickHouseTarget(self.clickhouse_url.get_secret_value())
+
+    @property
+    def pii_key(self) -> bytes | None:
+        """The PII key (PII_KEY, or the content of PII_KEY_FILE) as bytes; None when not set."""
+        secret = self.pii_key_secret or self.pii_key_from_file
+        return secret.get_secret_value().encode() if secret is not None else None
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -104,3 +137,19 @@ class Config(BaseSettings):
     @classmethod
     def from_env(cls) -> "Config":
         return cls()  # type: ignore[call-arg]
+
+
+#: 16 characters at least: the key is all that stands between a keyed hash of an IPv4 address
+#: and its 2^32 candidates. Surrounding whitespace (a key file's newline) is not part of it.
+MIN_PII_KEY_LENGTH = 16
+
+
+def _checked_pii_key(text: str, what: str) -> SecretStr | None:
+    """The key without surrounding whitespace; None when empty (not set); ValueError if short."""
+    key = text.strip()
+    if not key:
+        return None
+    if len(key) < MIN_PII_KEY_LENGTH:
+        raise ValueError(f"{what} must be at least {MIN_PII_KEY_LENGTH} characters "
+                         "(a random secret, e.g. `openssl rand -hex 32`)")
+    return SecretStr(key)
