@@ -43,8 +43,10 @@ def load_config() -> Config:
         return Config.from_env()
     except ValidationError as exc:
         for error in exc.errors():
-            name = error.get("loc", ("?",))[0]
-            console.print(f"[red]configuration error:[/] {str(name).upper()}: {error['msg']}")
+            # A field's error names its variable; a cross-field one names them in its message.
+            where = f"{str(error['loc'][0]).upper()}: " if error.get("loc") else ""
+            message = error["msg"].removeprefix("Value error, ")
+            console.print(f"[red]configuration error:[/] {where}{message}")
         raise typer.Exit(2) from exc
 
 

@@ -746,11 +746,12 @@ async def _read_baseline(iso: Isolation, expected_lines: int, console: Console) 
     # aiokafka, the client under Faust: the baseline is what the worker's own client and the
     # project's validator can do. kafka-python parses records in pure Python and reads only
     # ~11k events/s on a 2-CPU machine (aiokafka ~200k): as a baseline it would measure itself.
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=iso.config.kafka_bootstrap.split(","),
-        group_id=None, enable_auto_commit=False,
+    from streams.kafka_clients import aio_consumer
+
+    consumer = aio_consumer(
+        iso.config, group_id=None, enable_auto_commit=False,
         fetch_max_bytes=64 * MB, max_partition_fetch_bytes=8 * MB,
     )
     await consumer.start()
@@ -961,11 +962,10 @@ def catch_up(
 def group_lag_by_partition(iso: Isolation) -> dict[str, int] | None:
     """Messages the worker's consumer group has not committed yet, by "topic[partition]" of its
     topics (without the prefix; None: the group has committed nothing yet)."""
-    from kafka import KafkaConsumer
-    from kafka.admin import KafkaAdminClient
+    from streams import kafka_clients
 
-    admin = KafkaAdminClient(bootstrap_servers=iso.config.kafka_bootstrap.split(","))
-    consumer = KafkaConsumer(bootstrap_servers=iso.config.kafka_bootstrap.split(","), group_id=None)
+    admin = kafka_clients.admin(iso.config)
+    consumer = kafka_clients.consumer(iso.config, group_id=None)
     try:
         committed = admin.list_group_offsets({iso.config.app_id: None}).get(iso.config.app_id, {})
         ours = {tp: meta.offset for tp, meta in committed.items()
@@ -1022,8 +1022,7 @@ class _Published:
 def _publish_stream(
     config: Config, lines: list[bytes], rate: float, out: _Published, batch: int | None = None,
 ) -> None:
-    from kafka import KafkaProducer
-
+    from streams import kafka_clients
     from streams.publish import produce_lines
 
     ids = order_ids(lines)
@@ -1043,9 +1042,9 @@ def _publish_stream(
                 out.orders.put((order_id, now))
             yield line
 
-    producer = KafkaProducer(
-        bootstrap_servers=config.kafka_bootstrap.split(","), acks="all",
-        linger_ms=LATENCY_PRODUCER_LINGER_MS, max_in_flight_requests_per_connection=1, retries=10,
+    producer = kafka_clients.producer(
+        config, acks="all", linger_ms=LATENCY_PRODUCER_LINGER_MS,
+        max_in_flight_requests_per_connection=1, retries=10,
     )
     try:
         summary = produce_lines(config, timed(), producer=producer, batch=batch)
@@ -1142,7 +1141,7 @@ def steady_latency(
 
 def clean_up(iso: Isolation, rows: Rows | None, console: Console) -> None:
     """Drop what this run made on the shared stack: its database, topics, group and state."""
-    from kafka.admin import KafkaAdminClient
+    from streams import kafka_clients
 
     steps: list[tuple[str, Callable[[], object]]] = []
     if rows is not None:
@@ -1151,7 +1150,7 @@ def clean_up(iso: Isolation, rows: Rows | None, console: Console) -> None:
             f"DROP DATABASE IF EXISTS {iso.database}", patience=CLEAN_UP_PATIENCE_SECONDS)))
 
     def delete_topics() -> None:
-        admin = KafkaAdminClient(bootstrap_servers=iso.config.kafka_bootstrap.split(","))
+        admin = kafka_clients.admin(iso.config)
         try:
             # Ours only: the prefix and the Faust app id (changelogs) both carry the run's tag.
             mine = [topic for topic in admin.list_topics()

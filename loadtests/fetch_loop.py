@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.stack import Stack
+from schemas.config import Config
+from streams import kafka_clients
 
 REPO = Path(__file__).resolve().parent.parent
 #: The longest a child may take, from start to its rate (start-up and rebalance ~5-10 s).
@@ -44,20 +46,23 @@ RECORD = (b'{"event_id":"e0000001","type":"click","ts":"2026-11-02T10:15:00Z","v
           b'"session_id":"s1","affiliate_id":"aff001","channel":"facebook"}')
 
 
-def publish(bootstrap: str, topic: str, records: int) -> None:
-    from kafka.admin import KafkaAdminClient, NewTopic
+def kafka_config(bootstrap: str) -> Config:
+    """The environment's Kafka settings (security included) with these bootstrap servers."""
+    return Config(KAFKA_BOOTSTRAP=bootstrap)  # type: ignore[call-arg]
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+
+def publish(bootstrap: str, topic: str, records: int) -> None:
+    from kafka.admin import NewTopic
+
+    config = kafka_config(bootstrap)
+    admin = kafka_clients.admin(config)
     try:
         admin.create_topics([NewTopic(topic, 4, 1)])
     finally:
         admin.close()
 
     async def send() -> None:
-        from aiokafka import AIOKafkaProducer
-
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
-                                    max_batch_size=512 * 1024)
+        producer = kafka_clients.aio_producer(config, linger_ms=20, max_batch_size=512 * 1024)
         await producer.start()
         try:
             for i in range(records):
@@ -86,8 +91,10 @@ def read_all(bootstrap: str, topics: list[str], records: int, app_id: str | None
 
     import faust
 
+    config = kafka_config(bootstrap)
     app = faust.App(
-        app_id or f"fetch-loop-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
+        app_id or f"fetch-loop-{uuid.uuid4().hex[:8]}", broker=kafka_clients.faust_broker(config),
+        broker_credentials=kafka_clients.faust_credentials(config),
         store="memory://", datadir=tempfile.mkdtemp(prefix="fetch-loop-"),
         web_enabled=False, autodiscover=False, consumer_auto_offset_reset="earliest",
         broker_max_poll_records=500, stream_buffer_maxsize=10_000,
@@ -228,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates.append(rate)
             print(f"round {round_}: bare Faust agent {rate:10,.0f} records/s", flush=True)
     finally:
-        from kafka.admin import KafkaAdminClient
-
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = kafka_clients.admin(kafka_config(bootstrap))
         try:
             mine = [topic for topic in admin.list_topics()
                     if topic == own_topic or any(topic.startswith(f"{app_id}-") for app_id in app_ids)]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Input, output and reference topics, before `TOPIC_PREFIX`.
@@ -30,6 +31,29 @@ ABUSE_FLAGS_TOPIC = "abuse-flags"
 #: The worker's state stores (per visitor, per order, per code), each with a changelog
 #: topic `<app id>-<table>-changelog`.
 STATE_TABLES = ("touches", "order-ledgers", "code-redemptions")
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def check_topic_prefix(prefix: str) -> str:
+    """`prefix` if it can start a Kafka topic name, else ValueError."""
+    if prefix and not re.fullmatch(r"[A-Za-z0-9._-]+", prefix):
+        raise ValueError("TOPIC_PREFIX may only contain letters, digits, '.', '_' and '-'")
+    return prefix
+
+
+def app_id_for(topic_prefix: str) -> str:
+    """The worker's consumer group (and changelog name prefix) for a topic prefix."""
+    suffix = re.sub(r"[^A-Za-z0-9_-]", "-", topic_prefix).strip("-")
+    return f"attribution-{suffix}" if suffix else "attribution"
+
+
+def changelog_topic_for(app_id: str, table: str) -> str:
+    """The changelog topic of a state store (the name Faust gave it, kept)."""
+    return f"{app_id}-{table}-changelog"
 
 
 class ClickHouseTarget:
@@ -63,6 +87,16 @@ class Config(BaseSettings):
     )
     metrics_port: int = Field(9102, ge=0, le=65535, validation_alias="METRICS_PORT")
 
+    # How every Kafka client of every command connects (streams/kafka_clients.py builds them).
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        "PLAINTEXT", validation_alias="KAFKA_SECURITY_PROTOCOL")
+    kafka_sasl_mechanism: KafkaSaslMechanism = Field(
+        "SCRAM-SHA-512", validation_alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, validation_alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr | None = Field(None, validation_alias="KAFKA_SASL_PASSWORD")
+    kafka_sasl_password_file: Path | None = Field(None, validation_alias="KAFKA_SASL_PASSWORD_FILE")
+    kafka_ssl_cafile: Path | None = Field(None, validation_alias="KAFKA_SSL_CAFILE")
+
     # Contract §1: the key of the keyed hash that stands in for ip and user_agent (schemas/pii.py),
     # given itself or as a file holding it (read here, once). `pii_key` is the one to use.
     pii_key_secret: SecretStr | None = Field(None, validation_alias="PII_KEY")
@@ -79,9 +113,39 @@ class Config(BaseSettings):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_topic_safe(cls, value: str) -> str:
-        if value and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
-            raise ValueError("TOPIC_PREFIX may only contain letters, digits, '.', '_' and '-'")
+        return check_topic_prefix(value)
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_sasl_username", "kafka_sasl_password_file", "kafka_ssl_cafile",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("kafka_sasl_password_file", "kafka_ssl_cafile")
+    @classmethod
+    def _file_is_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not _readable(value):
+            raise ValueError(f"cannot read {value}")
         return value
+
+    @model_validator(mode="after")
+    def _kafka_credentials_fit_the_protocol(self) -> "Config":
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise ValueError("KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE are both set; "
+                             "give one")
+        if self.kafka_security_protocol in _SASL_PROTOCOLS:
+            if not self.kafka_sasl_username:
+                raise ValueError(f"KAFKA_SASL_USERNAME is required with KAFKA_SECURITY_PROTOCOL="
+                                 f"{self.kafka_security_protocol}")
+            if not self.kafka_sasl_password_value:
+                raise ValueError(f"KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE is required "
+                                 f"with KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}")
+        return self
 
     @field_validator("pii_key_secret")
     @classmethod
@@ -115,6 +179,22 @@ class Config(BaseSettings):
     def clickhouse(self) -> ClickHouseTarget:
         return ClickHouseTarget(self.clickhouse_url.get_secret_value())
 
+    @cached_property
+    def kafka_sasl_password_value(self) -> SecretStr | None:
+        """KAFKA_SASL_PASSWORD, or the first line of KAFKA_SASL_PASSWORD_FILE (read once)."""
+        if self.kafka_sasl_password_file is not None:
+            lines = self.kafka_sasl_password_file.read_text().splitlines()
+            return SecretStr(lines[0]) if lines and lines[0] else None
+        return self.kafka_sasl_password or None
+
+    @property
+    def kafka_uses_sasl(self) -> bool:
+        return self.kafka_security_protocol in _SASL_PROTOCOLS
+
+    @property
+    def kafka_uses_tls(self) -> bool:
+        return self.kafka_security_protocol in _TLS_PROTOCOLS
+
     @property
     def pii_key(self) -> bytes | None:
         """The PII key (PII_KEY, or the content of PII_KEY_FILE) as bytes; None when not set."""
@@ -127,12 +207,11 @@ class Config(BaseSettings):
     @property
     def app_id(self) -> str:
         """The consumer group (and changelog name prefix): derived from the prefix so workers stay apart."""
-        suffix = re.sub(r"[^A-Za-z0-9_-]", "-", self.topic_prefix).strip("-")
-        return f"attribution-{suffix}" if suffix else "attribution"
+        return app_id_for(self.topic_prefix)
 
     def changelog_topic(self, table: str) -> str:
         """The changelog topic of a state store (the name Faust gave it, kept)."""
-        return f"{self.app_id}-{table}-changelog"
+        return changelog_topic_for(self.app_id, table)
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -153,3 +232,11 @@ def _checked_pii_key(text: str, what: str) -> SecretStr | None:
         raise ValueError(f"{what} must be at least {MIN_PII_KEY_LENGTH} characters "
                          "(a random secret, e.g. `openssl rand -hex 32`)")
     return SecretStr(key)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False

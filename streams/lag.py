@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.config import Config
 from sinks.metrics import METRICS
 
+from .kafka_clients import aio_admin, aio_consumer
 from .kafka_meta import partitions_of
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ INTERVAL_SECONDS = 5.0
 class LagReporter:
     """Reads end and committed offsets of `topics` for `group_id` and sets the lag gauge."""
 
-    def __init__(self, bootstrap: str, group_id: str, topics: list[str]) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, config: Config, group_id: str, topics: list[str]) -> None:
+        self.config = config
         self.group_id = group_id
         self.topics = list(topics)
         self._consumer: AIOKafkaConsumer | None = None
@@ -42,14 +43,12 @@ class LagReporter:
         self._reported: set[TopicPartition] = set()
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        self._consumer = aio_consumer(
+            self.config, group_id=None, enable_auto_commit=False,
             client_id=f"{self.group_id}-lag",
         )
         await self._consumer.start()
-        self._admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-lag"
-        )
+        self._admin = aio_admin(self.config, client_id=f"{self.group_id}-lag")
         await self._admin.start()
 
     async def stop(self) -> None:
@@ -97,7 +96,7 @@ async def run_lag_reporter(
     Only cancellation ends it. Any other error (broker unreachable, a topic not created yet) is
     logged, the Kafka clients are reopened, and the next round tries again.
     """
-    reporter = LagReporter(config.kafka_bootstrap, config.app_id, topics)
+    reporter = LagReporter(config, config.app_id, topics)
     failing = False
     try:
         while True:

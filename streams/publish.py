@@ -46,6 +46,8 @@ from schemas.validation import (
     settings_to_json,
 )
 
+from . import kafka_clients
+
 _log = logging.getLogger(__name__)
 
 #: How long a send may wait for what it needs before it counts as failed: the metadata of its
@@ -215,8 +217,8 @@ def route(line: bytes) -> tuple[str, bytes] | str:
 
 
 def make_producer(config: Config, max_block_ms: int = MAX_BLOCK_MS) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=config.kafka_bootstrap.split(","),
+    return kafka_clients.producer(
+        config,
         acks="all",
         linger_ms=20,
         batch_size=256 * 1024,

@@ -18,6 +18,7 @@ from schemas.config import Config
 from schemas.reference import Affiliate, Program, ReferenceData, Settings
 from schemas.validation import InvalidReference, parse_affiliate, parse_program, parse_settings
 
+from .kafka_clients import aio_consumer
 from .kafka_meta import partitions_of
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class ReferenceReader:
         }
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.config.kafka_bootstrap,
+        consumer: AIOKafkaConsumer = aio_consumer(
+            self.config,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.admin import NewTopic
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from schemas.config import (
     ABUSE_FLAGS_TOPIC,
@@ -25,6 +30,8 @@ from schemas.config import (
     VISITOR_EVENTS_TOPIC,
     Config,
 )
+
+from .kafka_clients import admin as kafka_admin
 
 #: Reference topics keep the latest value per id forever: they are the source of truth that a
 #: new worker reads from the beginning.
@@ -58,11 +65,19 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     return specs
 
 
+#: Refusals that mean "this principal may not create (or even see) the topic", not "failed":
+#: on a secured broker a producer sees only the topics it writes, and the ones it may not
+#: create were created by an operator or the worker. A topic that is really missing still
+#: fails the send that needs it, and that failure is counted.
+_NOT_OURS_TO_CREATE = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
+
+
 def ensure_topics(config: Config, progress: Callable[[str], None] = lambda _: None) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
-    admin = KafkaAdminClient(bootstrap_servers=config.kafka_bootstrap, client_id="attribution-admin")
+    """Create the topics that do not exist yet (and that this principal may create); returns
+    the names created."""
+    admin = kafka_admin(config, client_id="attribution-admin")
     try:
-        existing = set(admin.list_topics())
+        existing = set(admin.list_topics())  # only those this principal may describe
         missing = [spec for spec in topic_specs(config) if spec.name not in existing]
         if not missing:
             return []
@@ -70,13 +85,19 @@ def ensure_topics(config: Config, progress: Callable[[str], None] = lambda _: No
             NewTopic(s.name, s.partitions, config.replication_factor, topic_configs=s.config)
             for s in missing
         ]
-        try:
-            admin.create_topics(new, timeout_ms=30_000)
-        except TopicAlreadyExistsError:
-            pass  # another process created some of them meanwhile: that is the goal
-        for spec in missing:
-            progress(f"created topic {spec.name} ({spec.partitions} partitions)")
-        return [s.name for s in missing]
+        response = admin.create_topics(new, timeout_ms=30_000, raise_errors=False)
+        created = []
+        for result in response["topics"]:
+            error = for_code(result["error_code"])
+            if error is TopicAlreadyExistsError or issubclass(error, _NOT_OURS_TO_CREATE):
+                continue  # created meanwhile by another process, or not this principal's to make
+            if error.errno != 0:
+                raise error(f"cannot create topic {result['name']}: {result.get('error_message')}")
+            created.append(result["name"])
+        by_name = {spec.name: spec for spec in missing}
+        for name in created:
+            progress(f"created topic {name} ({by_name[name].partitions} partitions)")
+        return created
     finally:
         admin.close()
 
@@ -89,7 +110,7 @@ def check_copartitioned(config: Config) -> None:
     """Refuse to run unless every topic of `topic_specs` with `config.partitions` partitions has
     exactly that many: partition p of every such topic must hold the same keys."""
     wanted = {spec.name for spec in topic_specs(config) if spec.partitions == config.partitions}
-    admin = KafkaAdminClient(bootstrap_servers=config.kafka_bootstrap, client_id="attribution-admin")
+    admin = kafka_admin(config, client_id="attribution-admin")
     try:
         described = admin.describe_topics(sorted(wanted))
     finally:

@@ -58,6 +58,7 @@ from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
 from .effects import ABUSE, CODE, DEAD, LEDGER, VISITOR, DeadLetter, Effects
+from ..kafka_clients import aio_consumer, aio_producer
 from ..rules.attribution import touch_horizon
 from .stages import Approvals, CodeStage, LedgerStage, VisitorStage, progress_item
 from .state import PartitionStore, Staged
@@ -164,20 +165,19 @@ class Engine:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        bootstrap = self.config.kafka_bootstrap
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+        self.producer = aio_producer(
+            self.config, acks="all", linger_ms=5,
             max_request_size=16 * 1024 * 1024, client_id=f"{self.config.app_id}-producer",
         )
         await self.producer.start()
-        self.restorer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+        self.restorer = aio_consumer(
+            self.config, group_id=None, enable_auto_commit=False,
             client_id=f"{self.config.app_id}-restore", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         await self.restorer.start()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=self.config.app_id,
+        self.consumer = aio_consumer(
+            self.config, group_id=self.config.app_id,
             client_id=f"{self.config.app_id}-worker",
             enable_auto_commit=False, auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),

@@ -129,7 +129,7 @@ def test_worker_exports_throughput_inserts_latency_and_dead_letters_and_the_lag_
 
     async def caught_up() -> dict[Any, int]:
         """Once the worker has committed everything, every partition's lag is 0."""
-        reporter = LagReporter(config.kafka_bootstrap, config.app_id, topics)
+        reporter = LagReporter(config, config.app_id, topics)
         try:
             deadline = time.monotonic() + 30
             while True:
