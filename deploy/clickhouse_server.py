@@ -3,13 +3,15 @@ users file so that nothing depends on what the package left in /etc or on a syst
 
 Everything lives under one home directory (`<stack root>/clickhouse`): `config.xml` and
 `users.xml` (generated from the templates beside this module before every start; the server writes
-its preprocessed copies next to them, so they cannot stay in the source tree), `data/`, `logs/` and
-`clickhouse.pid`. It never touches a server it did not start, and deletes data only when asked to
-purge.
+its preprocessed copies next to them, so they cannot stay in the source tree), `data/`, `logs/`,
+`clickhouse.pid` and, when the server also listens with TLS, `tls/` (its own CA and a certificate
+for localhost and 127.0.0.1, made with the `openssl` command on first start). It never touches a
+server it did not start, and deletes data only when asked to purge.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -25,6 +27,8 @@ from deploy.processes import ManagedProcess, is_listening, last_error_line
 
 TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
 SERVER_BINARY = Path("/usr/sbin/clickhouse-server")
+#: Ten years: a dev box's CA and certificate should not expire under a long-lived stack root.
+TLS_DAYS = 3650
 PACKAGES = ("clickhouse-server", "clickhouse-client")
 #: `apt-get update` plus ~60 MB of packages; generous for a slow mirror, but never endless.
 _APT_TIMEOUT_SECONDS = 900.0
@@ -65,11 +69,16 @@ def ensure_clickhouse_installed(progress: Callable[[str], None] = print) -> Path
 
 
 class ClickHouseServer:
-    def __init__(self, home: Path, host: str, tcp_port: int, http_port: int) -> None:
+    def __init__(
+        self, home: Path, host: str, tcp_port: int, http_port: int, tls_port: int | None = None
+    ) -> None:
         self.home = home
         self.host = host
         self.tcp_port = tcp_port
         self.http_port = http_port
+        #: Native protocol over TLS (`clickhouses://`), off unless given.
+        self.tls_port = tls_port
+        self.tls_dir = home / "tls"
         self.config_file = home / "config.xml"
         self.users_file = home / "users.xml"
         self.data_dir = home / "data"
@@ -89,8 +98,13 @@ class ClickHouseServer:
         return f"{self.host}:{self.tcp_port}"
 
     @property
-    def ports(self) -> tuple[int, int]:
-        return (self.tcp_port, self.http_port)
+    def ports(self) -> tuple[int, ...]:
+        return (self.tcp_port, self.http_port) + ((self.tls_port,) if self.tls_port else ())
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signs the TLS port's certificate (`?ca_certs=` of a `clickhouses://` URL)."""
+        return self.tls_dir / "ca.pem"
 
     def prepare(self, progress: Callable[[str], None]) -> Path:
         """Install if needed and write the config; returns the server binary."""
@@ -111,11 +125,68 @@ class ClickHouseServer:
             "http_port": self.http_port,
         }
         template = Template((TEMPLATES / "config.xml").read_text())
-        self.config_file.write_text(
-            template.substitute({key: escape(str(value)) for key, value in values.items()})
-        )
+        substitutions = {key: escape(str(value)) for key, value in values.items()}
+        substitutions["tls"] = self._tls_config() if self.tls_port else ""
+        self.config_file.write_text(template.substitute(substitutions))
         shutil.copyfile(TEMPLATES / "users.xml", self.users_file)
         return binary
+
+    def _tls_config(self) -> str:
+        """`<tcp_port_secure>` and the server's certificate, made first if absent."""
+        certificate, key = self._ensure_certificate()
+        return (
+            f"<tcp_port_secure>{self.tls_port}</tcp_port_secure>\n"
+            "    <openSSL>\n"
+            "        <server>\n"
+            f"            <certificateFile>{escape(str(certificate))}</certificateFile>\n"
+            f"            <privateKeyFile>{escape(str(key))}</privateKeyFile>\n"
+            # Clients are not asked for certificates: they authenticate with a password.
+            "            <verificationMode>none</verificationMode>\n"
+            "            <loadDefaultCAFile>false</loadDefaultCAFile>\n"
+            "            <cacheSessions>true</cacheSessions>\n"
+            "            <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>\n"
+            "            <preferServerCiphers>true</preferServerCiphers>\n"
+            "        </server>\n"
+            "    </openSSL>"
+        )
+
+    def _ensure_certificate(self) -> tuple[Path, Path]:
+        """A CA (`ca.pem`) and a server certificate it signs for localhost and 127.0.0.1."""
+        certificate, key = self.tls_dir / "server.pem", self.tls_dir / "server.key"
+        if certificate.exists() and key.exists() and self.ca_file.exists():
+            return certificate, key
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise StackError("the TLS port of the local ClickHouse needs the `openssl` command"
+                             " (Debian: apt-get install openssl)")
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        ca_key, request, extensions = (self.tls_dir / name for name in ("ca.key", "server.csr", "server.ext"))
+        extensions.write_text(
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth\n"
+            f"subjectAltName = {', '.join(_names_for(self.host))}\n"
+            "authorityKeyIdentifier = keyid\n"
+        )
+        days = str(TLS_DAYS)
+        for command in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", self.ca_file,
+             "-days", days, "-subj", "/CN=attribution local stack CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+             "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", request, "-CA", self.ca_file, "-CAkey", ca_key,
+             "-CAcreateserial", "-days", days, "-extfile", extensions, "-out", certificate],
+        ):
+            done = subprocess.run([openssl, *map(str, command)], capture_output=True, text=True,
+                                  timeout=60)
+            if done.returncode != 0:
+                cause = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise StackError(f"openssl {command[0]} failed (exit {done.returncode}): {cause}")
+        for private in (ca_key, key):
+            private.chmod(0o600)
+        return certificate, key
 
     def start(self, binary: Path) -> int:
         return self.process.start([str(binary), f"--config-file={self.config_file}"], cwd=self.home)
@@ -155,3 +226,15 @@ class ClickHouseServer:
         finally:
             client.disconnect()
         return rows
+
+
+def _names_for(host: str) -> list[str]:
+    """The certificate's subject alternative names: loopback, and `host` if it is another."""
+    names = ["DNS:localhost", "IP:127.0.0.1", "IP:::1"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        names.append(f"DNS:{host}")
+    else:
+        names.append(f"IP:{address}")
+    return list(dict.fromkeys(names))
