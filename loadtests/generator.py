@@ -204,7 +204,7 @@ def sample_reference(n_affiliates: int = 50, seed: int = 7) -> dict[str, Any]:
                 "kind": "referral",
                 "attribution_window_days": 7,
                 "lock_days": 14,
-                "commission": {"type": "fixed", "amount": "5.00"},
+                "commission": {"type": "fixed", "amount": "5.00", "currency": CURRENCY},
             },
         ],
         "affiliates": affiliates,

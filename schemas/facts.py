@@ -81,6 +81,8 @@ class OrderLedger:
     lock_end: datetime
     reversed_total: Decimal = Decimal("0.00")  # sum of reversal amounts so far, as a positive number
     approved: bool = False
+    #: The sum of refund amounts so far (contract v2 §5: reversals are cumulative).
+    refunded_total: Decimal = Decimal("0")
 
     @property
     def net_commission(self) -> Decimal:
@@ -100,6 +102,7 @@ class OrderLedger:
             "lock_end": self.lock_end.isoformat(),
             "reversed_total": str(self.reversed_total),
             "approved": self.approved,
+            "refunded_total": str(self.refunded_total),
         }
 
     @classmethod
@@ -116,7 +119,21 @@ class OrderLedger:
             lock_end=datetime.fromisoformat(obj["lock_end"]),
             reversed_total=Decimal(obj["reversed_total"]),
             approved=bool(obj["approved"]),
+            refunded_total=(Decimal(obj["refunded_total"]) if "refunded_total" in obj
+                            else _refunded_before_v2(obj)),
         )
+
+
+def _refunded_before_v2(obj: dict[str, Any]) -> Decimal:
+    """A ledger stored before refunds were summed: the refunded amount its reversals imply.
+
+    Exact for an untouched order (0) and for a full refund (the total); in between, within the
+    half-cent each v1 reversal was rounded by.
+    """
+    commission, reversed_total = Decimal(obj["commission"]), Decimal(obj["reversed_total"])
+    if commission <= 0 or reversed_total <= 0:
+        return Decimal("0")
+    return Decimal(obj["total"]) * reversed_total / commission
 
 
 @dataclass(frozen=True, slots=True)

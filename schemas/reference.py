@@ -17,6 +17,8 @@ DEFAULT_VELOCITY_WINDOW_MINUTES = 60
 #: 5 s: faster than a human can browse from a click to a paid order; such orders are held for
 #: review (click injection / cookie stuffing), not rejected, because some are genuine re-orders.
 DEFAULT_FAST_CONVERSION_SECONDS = 5
+#: How far ahead of the processing machine's clock an event's `ts` may be (contract §2).
+DEFAULT_MAX_FUTURE_SECONDS = 300
 
 #: Major coupon and deal aggregators. A code seen with one of these referrers has leaked.
 DEFAULT_COUPON_SITES: tuple[str, ...] = (
@@ -53,6 +55,7 @@ class Commission:
     type: Literal["percent", "fixed"]
     rate: Decimal = Decimal("0")  # percent programs: fraction of total, e.g. 0.10
     amount: Decimal = Decimal("0")  # fixed programs: per order with total > 0
+    currency: str = ""  # fixed programs: paid only on orders in this currency (ISO 4217)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,9 @@ class Affiliate:
 class Settings:
     coupon_sites: tuple[str, ...] = DEFAULT_COUPON_SITES
     fast_conversion_seconds: int = DEFAULT_FAST_CONVERSION_SECONDS
+    #: Who may decide on held orders (contract §6); nobody by default.
+    reviewers: tuple[str, ...] = ()
+    max_future_seconds: int = DEFAULT_MAX_FUTURE_SECONDS
 
 
 def normalise_code(code: str) -> str:

@@ -56,6 +56,7 @@ from .reference import (
     DEFAULT_ATTRIBUTION_WINDOW_DAYS,
     DEFAULT_COUPON_SITES,
     DEFAULT_FAST_CONVERSION_SECONDS,
+    DEFAULT_MAX_FUTURE_SECONDS,
     DEFAULT_LOCK_DAYS,
     DEFAULT_VELOCITY_MAX_CUSTOMERS,
     DEFAULT_VELOCITY_WINDOW_MINUTES,
@@ -71,6 +72,10 @@ from .reference import (
 #: memory one message can cost the worker, and keeps a dead letter (raw bytes plus metadata) far
 #: below Kafka's default 1 MB message limit, so rejecting an event can never fail in turn.
 MAX_EVENT_BYTES = 64 * 1024
+#: The longest identifier (event, visitor, session, order, customer, affiliate, share, code,
+#: reviewer): ids are Kafka keys and live in the worker's state, whose values must stay well
+#: under a Kafka record's 1 MB (a visitor keeps up to 200 clicks). Real ids are UUIDs or shorter.
+MAX_ID_CHARS = 256
 #: Contract §2: a record on an input topic may carry a JSON array of up to this many events.
 MAX_BATCH_ELEMENTS = 10_000
 #: 16 MiB: far above what Kafka delivers by default (1 MB per record) and what 10,000 events of a
@@ -108,6 +113,14 @@ Reason = Literal[
     "bad_timestamp",
     "out_of_range",
     "bad_currency",
+    "ts_in_future",
+    # Decided by the worker beyond a single event's shape (contract v2 §5, §6), or its own
+    # safety limits (README, Failure modes).
+    "currency_mismatch",
+    "unauthorized_review",
+    "malformed_internal",
+    "order_state_full",
+    "rejected_by_clickhouse",
 ]
 #: Every reason code, e.g. to pre-register metric labels.
 REASONS: tuple[Reason, ...] = get_args(Reason)
@@ -259,6 +272,25 @@ def _required_str(obj: Mapping[str, object], key: str, prefix: str = "") -> str:
     _wrong_type(prefix + key, "a string", value)
 
 
+def _id(obj: Mapping[str, object], key: str) -> str:
+    """A required identifier: at most MAX_ID_CHARS characters (they are Kafka keys and state)."""
+    text = _required_str(obj, key)
+    if len(text) > MAX_ID_CHARS:
+        raise InvalidEvent(
+            "out_of_range", f"field {key!r} is {len(text)} characters long, the limit is {MAX_ID_CHARS}"
+        )
+    return text
+
+
+def _optional_id(obj: Mapping[str, object], key: str) -> str:
+    text = _optional_str(obj, key)
+    if len(text) > MAX_ID_CHARS:
+        raise InvalidEvent(
+            "out_of_range", f"field {key!r} is {len(text)} characters long, the limit is {MAX_ID_CHARS}"
+        )
+    return text
+
+
 def _optional_str(obj: Mapping[str, object], key: str, prefix: str = "") -> str:
     value = obj.get(key)
     if type(value) is str:
@@ -375,11 +407,11 @@ def _click(obj: Mapping[str, object], event_id: str, ts: datetime) -> Click:
     return Click(
         event_id=event_id,
         ts=ts,
-        visitor_id=_required_str(obj, "visitor_id"),
-        session_id=_required_str(obj, "session_id"),
-        affiliate_id=_required_str(obj, "affiliate_id"),
+        visitor_id=_id(obj, "visitor_id"),
+        session_id=_id(obj, "session_id"),
+        affiliate_id=_id(obj, "affiliate_id"),
         channel=normalise_channel(_optional_str(obj, "channel")),
-        share_id=_optional_str(obj, "share_id"),
+        share_id=_optional_id(obj, "share_id"),
         landing_url=_optional_str(obj, "landing_url"),
         referrer=_optional_str(obj, "referrer"),
         ip=_optional_str(obj, "ip"),
@@ -391,8 +423,8 @@ def _share(obj: Mapping[str, object], event_id: str, ts: datetime) -> Share:
     return Share(
         event_id=event_id,
         ts=ts,
-        affiliate_id=_required_str(obj, "affiliate_id"),
-        share_id=_required_str(obj, "share_id"),
+        affiliate_id=_id(obj, "affiliate_id"),
+        share_id=_id(obj, "share_id"),
         channel=normalise_channel(_required_str(obj, "channel")),
         url=_optional_str(obj, "url"),
     )
@@ -402,13 +434,13 @@ def _order(obj: Mapping[str, object], event_id: str, ts: datetime) -> Order:
     return Order(
         event_id=event_id,
         ts=ts,
-        order_id=_required_str(obj, "order_id"),
-        visitor_id=_required_str(obj, "visitor_id"),
-        customer_id=_required_str(obj, "customer_id"),
+        order_id=_id(obj, "order_id"),
+        visitor_id=_id(obj, "visitor_id"),
+        customer_id=_id(obj, "customer_id"),
         currency=_currency(obj, required=True),
         total=_decimal(obj, "total", positive=False),
         session_id=_optional_str(obj, "session_id"),
-        discount_code=_optional_str(obj, "discount_code"),
+        discount_code=_optional_id(obj, "discount_code"),
         referrer=_optional_str(obj, "referrer"),
         ip=_optional_str(obj, "ip"),
         user_agent=_optional_str(obj, "user_agent"),
@@ -421,7 +453,7 @@ def _refund(obj: Mapping[str, object], event_id: str, ts: datetime) -> Refund:
     return Refund(
         event_id=event_id,
         ts=ts,
-        order_id=_required_str(obj, "order_id"),
+        order_id=_id(obj, "order_id"),
         amount=_decimal(obj, "amount", positive=True),
         currency=_currency(obj, required=False),
         reason=_optional_str(obj, "reason"),
@@ -456,7 +488,9 @@ def _too_large(noun: str, size: int, limit: int = MAX_EVENT_BYTES) -> InvalidEve
     return InvalidEvent("too_large", f"{noun} is {size} bytes, the limit is {limit}")
 
 
-def _decode_object(obj: dict[str, Any], expected_type: str | None) -> Event:
+def _decode_object(
+    obj: dict[str, Any], expected_type: str | None, not_after: datetime | None = None
+) -> Event:
     """The event in one parsed JSON object, or `InvalidEvent` (see `decode_event`)."""
     event_type = obj.get("type")
     if type(event_type) is not str:
@@ -474,18 +508,34 @@ def _decode_object(obj: dict[str, Any], expected_type: str | None) -> Event:
             "type_mismatch",
             f"a {event_type!r} event on the topic of {expected_type!r} events",
         )
-    return decoder(obj, _required_str(obj, "event_id"), _timestamp(obj))
+    event = decoder(obj, _id(obj, "event_id"), _timestamp(obj))
+    if not_after is not None:
+        check_not_future(event.ts, not_after)
+    return event
 
 
-def decode_event(raw: bytes, expected_type: str | None = None) -> Event:
+def check_not_future(ts: datetime, not_after: datetime) -> None:
+    """`ts_in_future` (contract v2 §2) when `ts` is later than `not_after`: the processing
+    machine's clock plus `settings.max_future_seconds`."""
+    if ts > not_after:
+        raise InvalidEvent(
+            "ts_in_future",
+            f"field 'ts' is {_rfc3339_utc(ts)}, more than the allowed skew ahead of the "
+            f"processing clock (latest accepted now: {_rfc3339_utc(not_after)})",
+        )
+
+
+def decode_event(
+    raw: bytes, expected_type: str | None = None, *, not_after: datetime | None = None
+) -> Event:
     """The event in `raw`, or `InvalidEvent` saying why not.
 
     `expected_type` is the type the source topic carries; an event of another type was published
     to the wrong topic and is rejected (`type_mismatch`) rather than processed out of its stream.
     A JSON array is not an event (`not_object`): records that may be batched go through
-    `decode_record`.
+    `decode_record`. With `not_after`, an event whose `ts` is later is `ts_in_future`.
     """
-    return _decode_object(_json_object(raw, "event"), expected_type)
+    return _decode_object(_json_object(raw, "event"), expected_type, not_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +556,9 @@ class Decoded:
 _ARRAY_START = re.compile(rb"[ \t\n\r]*\[")
 
 
-def decode_record(raw: bytes, expected_type: str) -> list[Decoded]:
+def decode_record(
+    raw: bytes, expected_type: str, *, not_after: datetime | None = None
+) -> list[Decoded]:
     """Every event of one record value: one object, or a JSON array of objects (parsed once).
 
     Contract §2: each element of an array is decoded exactly as `decode_event` decodes its own
@@ -527,7 +579,7 @@ def decode_record(raw: bytes, expected_type: str) -> list[Decoded]:
         return [Decoded(None, raw, None, InvalidEvent("not_json", f"not valid UTF-8 JSON: {exc}"))]
     if type(value) is dict:
         try:
-            return [Decoded(None, raw, _decode_object(value, expected_type), None)]
+            return [Decoded(None, raw, _decode_object(value, expected_type, not_after), None)]
         except InvalidEvent as exc:
             return [Decoded(None, raw, None, exc)]
     if type(value) is not list:
@@ -552,13 +604,14 @@ def decode_record(raw: bytes, expected_type: str) -> list[Decoded]:
                 raise InvalidEvent(
                     "not_object", f"an event must be a JSON object, got {_json_type(element)}"
                 )
-            append(Decoded(index, element_raw, _decode_object(element, expected_type), None))
+            append(Decoded(index, element_raw, _decode_object(element, expected_type, not_after),
+                           None))
         except InvalidEvent as exc:
             append(Decoded(index, element_raw, None, exc))
     return decoded
 
 
-def decode_review(raw: bytes) -> Review:
+def decode_review(raw: bytes, *, not_after: datetime | None = None) -> Review:
     """A reviewer's decision on a held order (the `reviews` topic), or `InvalidEvent`."""
     obj = _json_object(raw, "review")
     if obj.get("type") != "review":
@@ -568,12 +621,15 @@ def decode_review(raw: bytes) -> Review:
         raise InvalidEvent(
             "out_of_range", f"field 'decision' must be release or reject, got {decision[:60]!r}"
         )
+    ts = _timestamp(obj)
+    if not_after is not None:
+        check_not_future(ts, not_after)
     return Review(
-        event_id=_required_str(obj, "event_id"),
-        ts=_timestamp(obj),
-        order_id=_required_str(obj, "order_id"),
+        event_id=_id(obj, "event_id"),
+        ts=ts,
+        order_id=_id(obj, "order_id"),
         decision=cast(ReviewDecision, decision),
-        reviewer=_required_str(obj, "reviewer"),
+        reviewer=_id(obj, "reviewer"),
         note=_optional_str(obj, "note"),
     )
 
@@ -715,7 +771,18 @@ def _commission(value: object, at: str) -> Commission:
         return Commission(type="percent", rate=_ref_rate(record["rate"], _join(at, "rate")))
     if record.get("amount") is None:
         raise InvalidReference(_join(at, "amount"), "is required for a fixed commission")
-    return Commission(type="fixed", amount=_ref_decimal(record["amount"], _join(at, "amount")))
+    currency = record.get("currency")
+    if currency is None:
+        raise InvalidReference(
+            _join(at, "currency"),
+            "is required for a fixed commission (contract v2: it is paid only on orders in it)",
+        )
+    if not isinstance(currency, str) or _CURRENCY.fullmatch(currency.strip()) is None:
+        raise InvalidReference(
+            _join(at, "currency"), f"must be a 3-letter ISO 4217 code, got {_show(currency)}"
+        )
+    return Commission(type="fixed", amount=_ref_decimal(record["amount"], _join(at, "amount")),
+                      currency=currency.strip().upper())
 
 
 def _velocity(value: object, at: str) -> Velocity:
@@ -808,6 +875,15 @@ def _settings(value: object, at: str) -> Settings:
             if host not in sites:
                 sites.append(host)
         coupon_sites = tuple(sites)
+    reviewers: list[str] = []
+    reviewers_at = _join(at, "reviewers")
+    for index, name in enumerate(_ref_list(record.get("reviewers"), reviewers_at)):
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidReference(
+                f"{reviewers_at}[{index}]", f"must be a non-empty string, got {_show(name)}"
+            )
+        if name.strip() not in reviewers:
+            reviewers.append(name.strip())
     return Settings(
         coupon_sites=coupon_sites,
         fast_conversion_seconds=_ref_int(
@@ -815,6 +891,12 @@ def _settings(value: object, at: str) -> Settings:
             default=DEFAULT_FAST_CONVERSION_SECONDS,
             minimum=0,
             maximum=MAX_FAST_CONVERSION_SECONDS,
+        ),
+        reviewers=tuple(reviewers),
+        max_future_seconds=_ref_int(
+            record, "max_future_seconds", at,
+            # A day of clock skew is already absurd; more would let one event approve a month.
+            default=DEFAULT_MAX_FUTURE_SECONDS, minimum=0, maximum=86_400,
         ),
     )
 
@@ -911,6 +993,7 @@ def program_to_json(program: Program) -> bytes:
         commission["rate"] = program.commission.rate
     else:
         commission["amount"] = program.commission.amount
+        commission["currency"] = program.commission.currency
     return encode_json(
         {
             "program_id": program.program_id,
@@ -948,5 +1031,7 @@ def settings_to_json(settings: Settings) -> bytes:
         {
             "coupon_sites": list(settings.coupon_sites),
             "fast_conversion_seconds": settings.fast_conversion_seconds,
+            "reviewers": list(settings.reviewers),
+            "max_future_seconds": settings.max_future_seconds,
         }
     )

@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timedelta, timezone
+from decimal import InvalidOperation
 from functools import lru_cache
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -52,7 +54,13 @@ from schemas.config import (
     Config,
 )
 from schemas.events import Click, Order, Refund, Share
-from schemas.validation import InvalidEvent, decode_event, decode_record, decode_review
+from schemas.validation import (
+    InvalidEvent,
+    check_not_future,
+    decode_event,
+    decode_record,
+    decode_review,
+)
 from sinks.clickhouse import RowSink
 from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
@@ -290,7 +298,8 @@ class Engine:
                 indexed = ledger.index_pending()
                 if indexed:
                     log.info("ledger partition %d: %d pending orders indexed for approval", p, indexed)
-                self.partitions[p] = PartitionState(p, mine, CodeStage(Staged(mine[CODES])))
+                self.partitions[p] = PartitionState(p, mine, CodeStage(
+                    Staged(mine[CODES]), getattr(self.config, "pii_key", None) or b""))
         # Tests and operators read this line: partition p of every topic is this worker's.
         log.info("assignment: partitions %s of every topic (%d restored)",
                  sorted(self.partitions), len(new))
@@ -353,7 +362,11 @@ class Engine:
                   for p, state in owned.items()}
         horizon = touch_horizon(ref)
         visitors = {p: VisitorStage(staged[p][TOUCHES], horizon) for p in owned}
-        ledgers = {p: LedgerStage(p, staged[p][LEDGERS], self.approvals) for p in owned}
+        ledgers = {p: LedgerStage(p, staged[p][LEDGERS], self.approvals, ref, self.topics[LEDGER])
+                   for p in owned}
+        # Contract v2 §2: no event more than max_future_seconds ahead of this machine's clock.
+        self._not_after = datetime.now(timezone.utc) + timedelta(
+            seconds=ref.settings.max_future_seconds)
         for p, state in owned.items():
             state.code_stage.begin_batch(staged[p][CODES])
         by_kind: dict[str, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
@@ -372,8 +385,15 @@ class Engine:
                         self._click(event, tp.partition, record, visitors, ref, effects)
         for tp, records in by_kind[VISITOR]:
             for record in records:
-                for item in orjson.loads(record.value):
-                    event = decode_event(orjson.dumps(item))
+                for index, item in self._internal_items(record, tp, effects):
+                    if item.get("type") == FORGET_TYPE:
+                        self._forget(item, tp, record, index, visitors, effects)
+                        continue
+                    try:
+                        event = decode_event(orjson.dumps(item), not_after=self._not_after)
+                    except InvalidEvent as exc:
+                        self._dead_letter(record, tp, exc, index, orjson.dumps(item), effects)
+                        continue
                     if isinstance(event, Click):
                         self._click(event, tp.partition, record, visitors, ref, effects)
                     elif isinstance(event, Order):
@@ -404,8 +424,11 @@ class Engine:
         for tp, records in by_kind[CODE]:
             code_stage = owned[tp.partition].code_stage
             for record in records:
-                for item in orjson.loads(record.value):
-                    code_stage.receive(item, record.offset, record.timestamp)
+                for index, item in self._internal_items(record, tp, effects):
+                    try:
+                        code_stage.receive(item, record.offset, record.timestamp)
+                    except _MALFORMED as exc:
+                        self._malformed(record, tp, index, item, exc, effects)
         for state in owned.values():
             state.code_stage.decide_ready(ref, effects)
             state.code_stage.finish(ref)
@@ -416,25 +439,32 @@ class Engine:
                 for refund, raw in self._decode_elements(record, tp, "refund", effects):
                     assert isinstance(refund, Refund)
                     if not self._hopped(LEDGER, refund.order_id, tp, raw, record, effects):
-                        ledgers[tp.partition].receive(raw, effects, METRICS)
+                        ledgers[tp.partition].receive(raw, effects, METRICS,
+                                                      (tp.topic, tp.partition, record.offset))
         for tp, records in by_kind["reviews"]:
             for record in records:
                 try:
-                    review = decode_review(record.value or b"")
+                    review = decode_review(record.value or b"", not_after=self._not_after)
                 except InvalidEvent as exc:
                     self._dead_letter(record, tp, exc, None, record.value or b"", effects)
                     continue
                 METRICS.events_valid.labels("reviews").inc()
                 if not self._hopped(LEDGER, review.order_id, tp, record.value, record, effects):
-                    ledgers[tp.partition].receive(record.value, effects, METRICS)
+                    ledgers[tp.partition].receive(record.value, effects, METRICS,
+                                                  (tp.topic, tp.partition, record.offset))
         for tp, records in by_kind[LEDGER]:
             for record in records:
-                for item in orjson.loads(record.value):
-                    echo = _ledger_item_id(item)
-                    if echo in self._applied_here:
-                        self._applied_here.discard(echo)  # this worker applied it when it forwarded it
+                for index, item in self._internal_items(record, tp, effects):
+                    try:
+                        echo = _ledger_item_id(item)
+                        if echo in self._applied_here:
+                            self._applied_here.discard(echo)  # applied here when forwarded
+                            continue
+                        ledgers[tp.partition].receive(orjson.dumps(item), effects, METRICS,
+                                                      (tp.topic, tp.partition, record.offset))
+                    except _MALFORMED as exc:
+                        self._malformed(record, tp, index, item, exc, effects)
                         continue
-                    ledgers[tp.partition].receive(orjson.dumps(item), effects, METRICS)
                     if item.get("type") == "decided_order" and record.timestamp:
                         effects.latency_from.setdefault("commission_facts", []).append(
                             record.timestamp / 1000)
@@ -491,13 +521,66 @@ class Engine:
     def _decode_elements(self, record: Any, tp: TopicPartition, expected: str,
                          effects: Effects) -> list[tuple[Any, bytes]]:
         valid = []
-        for element in decode_record(record.value or b"", expected):
+        for element in decode_record(record.value or b"", expected, not_after=self._not_after):
             if element.error is not None:
                 self._dead_letter(record, tp, element.error, element.index, element.raw, effects)
             else:
                 valid.append((element.event, element.raw))
         METRICS.events_valid.labels(self.kind_of[tp.topic]).inc(len(valid))
         return valid
+
+    def _forget(self, item: dict[str, Any], tp: TopicPartition, record: Any, index: int,
+                visitors: dict[int, VisitorStage], effects: Effects) -> None:
+        visitor_id = item.get("visitor_id")
+        if not isinstance(visitor_id, str) or not visitor_id:
+            self._malformed(record, tp, index, item, ValueError("forget without visitor_id"), effects)
+            return
+        if self._hopped(VISITOR, visitor_id, tp, orjson.dumps(item), record, effects):
+            return
+        visitors[tp.partition].forget(visitor_id)
+        log.info("forgot visitor state on partition %d (attribution forget)", tp.partition)
+
+    def _internal_items(self, record: Any, tp: TopicPartition,
+                        effects: Effects) -> list[tuple[int, dict[str, Any]]]:
+        """The items of a record on an internal topic: a JSON array of objects, each with a `ts`
+        no later than the bound (contract v2 §2 holds for internal topics too). Anything else
+        goes to dead-letters, never into a stage: only the worker should write these topics,
+        but a poisoned record must not crash-loop it."""
+        try:
+            items = orjson.loads(record.value or b"")
+        except orjson.JSONDecodeError as exc:
+            self._dead_letter(record, tp, InvalidEvent("malformed_internal", f"not JSON: {exc}"),
+                              None, record.value or b"", effects)
+            return []
+        if type(items) is not list:
+            self._dead_letter(record, tp, InvalidEvent(
+                "malformed_internal", "an internal record must be a JSON array of objects"),
+                None, record.value or b"", effects)
+            return []
+        good = []
+        for index, item in enumerate(items):
+            problem: InvalidEvent | None = None
+            if type(item) is not dict:
+                problem = InvalidEvent("malformed_internal", "an item must be a JSON object")
+            elif isinstance(item.get("ts"), str):
+                try:
+                    check_not_future(datetime.fromisoformat(item["ts"]), self._not_after)
+                except InvalidEvent as exc:
+                    problem = exc
+                except ValueError as exc:
+                    problem = InvalidEvent("malformed_internal", f"bad ts: {exc}")
+            if problem is not None:
+                self._dead_letter(record, tp, problem, index, orjson.dumps(item), effects)
+            else:
+                good.append((index, item))
+        return good
+
+    def _malformed(self, record: Any, tp: TopicPartition, index: int, item: Any,
+                   exc: BaseException, effects: Effects) -> None:
+        log.error("malformed item %d of %s[%d]@%d sent to dead-letters: %r",
+                  index, tp.topic, tp.partition, record.offset, exc)
+        self._dead_letter(record, tp, InvalidEvent("malformed_internal", repr(exc)[:500]),
+                          index, orjson.dumps(item), effects)
 
     def _dead_letter(self, record: Any, tp: TopicPartition, exc: InvalidEvent, index: int | None,
                      raw: bytes, effects: Effects) -> None:
@@ -700,6 +783,13 @@ class Engine:
                 self.consumer.resume(tp)
                 self._paused.discard(tp)
 
+
+#: What a malformed internal item raises while a stage parses it: missing keys, wrong types,
+#: bad numbers or dates. It goes to dead-letters (`malformed_internal`).
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, InvalidOperation,
+              OverflowError)
+#: An `attribution forget` request on `visitor-events`: erase the visitor's touches.
+FORGET_TYPE = "forget"
 
 #: Latency samples per table and batch: evenly spread over the batch, enough for quantiles.
 LATENCY_SAMPLES = 100

@@ -17,6 +17,7 @@ already hold a replayed batch's writes).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
@@ -30,7 +31,7 @@ from schemas.events import Click, Order, Refund, Review
 from schemas.facts import CommissionFact, OrderLedger, Touch
 from schemas.internal import DECIDED_ORDER_TYPE, DecidedOrder
 from schemas.reference import ReferenceData, normalise_code
-from schemas.validation import decode_event, decode_review
+from schemas.validation import decode_event, decode_review, review_to_json
 from sinks.rows import click_row, fact_row, flag_message, flag_rows, order_row, review_row
 
 from ..rules.abuse import (
@@ -44,8 +45,8 @@ from ..rules.abuse import (
 )
 from ..rules.attribution import attribute, latest_touch, remember_touch, touch_from_click
 from ..rules.commission import commission_for
-from ..rules.ledger import apply_refund, apply_review, approve_if_due, open_ledger
-from .effects import CODE, LEDGER, Effects
+from ..rules.ledger import apply_refund, apply_review, approve_if_due, open_ledger, review_refusal
+from .effects import CODE, LEDGER, DeadLetter, Effects
 from .state import Staged
 
 #: The item type of an orders partition's progress report on `code-events`.
@@ -163,10 +164,17 @@ class VisitorStage:
             effects.forward(LEDGER, order.order_id.encode(), decided.to_json(), timestamp_ms)
         return decided
 
+    def forget(self, visitor_id: str) -> None:
+        """Erase a visitor's touches (`attribution forget`): later orders see no click of theirs."""
+        key = visitor_id.encode()
+        self._touches[key] = ()
+        self._dirty.add(key)
+
     def finish(self) -> None:
-        """Stage the touches of every visitor this batch changed."""
+        """Stage the touches of every visitor this batch changed (a forgotten one is deleted)."""
         for key in self._dirty:
-            self.store.put(key, orjson.dumps([_stored(t) for t in self._touches[key]]))
+            touches = self._touches[key]
+            self.store.put(key, orjson.dumps([_stored(t) for t in touches]) if touches else None)
         self._dirty.clear()
 
 
@@ -184,8 +192,19 @@ class WaitingOrder:
     timestamp_ms: int | None
 
 
-#: A use of a code: (order ts as epoch seconds, customer_id).
+#: A use of a code: (order ts as epoch seconds, customer token).
 Use = tuple[float, str]
+_TOKEN_PREFIX = "h:"
+
+
+def customer_token(customer_id: str, key: bytes = b"") -> str:
+    """What the code stage keeps of a customer: a 96-bit keyed hash (BLAKE2b, keyed with
+    PII_KEY when set). Code velocity only counts distinct customers, so the state never needs
+    the id itself, and `attribution forget` has nothing to erase there."""
+    if customer_id.startswith(_TOKEN_PREFIX):
+        return customer_id  # stored before, already a token
+    digest = hashlib.blake2b(customer_id.encode(), digest_size=12, key=key[:64]).hexdigest()
+    return _TOKEN_PREFIX + digest
 #: Codes whose stored uses a code stage keeps in memory between batches, at most.
 MAX_CACHED_CODES = 20_000
 
@@ -199,8 +218,9 @@ class CodeStage:
     scan of everything waiting.
     """
 
-    def __init__(self, store: Staged) -> None:
+    def __init__(self, store: Staged, token_key: bytes = b"") -> None:
         self.store = store
+        self.token_key = token_key
         stored = store.get(PROGRESS_KEY)
         #: Per orders partition: every order below this offset has been decided (and forwarded).
         self.progress: dict[int, int] = (
@@ -229,7 +249,8 @@ class CodeStage:
         orders_end = {int(p): int(e) for p, e in (item.get("orders_end") or {}).items()}
         code = normalise_code(decided.discount_code)
         self.waiting.append(WaitingOrder(offset, decided, code, orders_end, timestamp_ms))
-        insort(self._ahead.setdefault(code, []), (decided.ts.timestamp(), decided.customer_id))
+        insort(self._ahead.setdefault(code, []),
+               (decided.ts.timestamp(), customer_token(decided.customer_id, self.token_key)))
 
     def first_waiting_offset(self) -> int | None:
         return self.waiting[0].offset if self.waiting else None
@@ -241,7 +262,8 @@ class CodeStage:
         uses = self._uses.get(code)
         if uses is None:
             stored = self.store.get(code.encode())
-            uses = sorted((float(t), str(c)) for t, c in orjson.loads(stored)) if stored else []
+            uses = sorted((float(t), customer_token(str(c), self.token_key))
+                          for t, c in orjson.loads(stored)) if stored else []
             self._uses[code] = uses
         return uses
 
@@ -250,7 +272,8 @@ class CodeStage:
         decided = 0
         while self.waiting and self._ready(self.waiting[0]):
             order = self.waiting.popleft()
-            use = (order.decided.ts.timestamp(), order.decided.customer_id)
+            use = (order.decided.ts.timestamp(),
+                   customer_token(order.decided.customer_id, self.token_key))
             ahead = self._ahead[order.code]
             del ahead[bisect_left(ahead, use)]
             if not ahead:
@@ -305,6 +328,7 @@ class Entry:
 
     decided: bool = False
     channel: str = ""
+    currency: str = ""  # the order's, once decided: a refund in another is refused
     ledger: OrderLedger | None = None
     refunds: list[str] = field(default_factory=list)  # event_ids of refunds and reviews applied
     waiting: list[str] = field(default_factory=list)  # raw refunds/reviews waiting for the order
@@ -314,10 +338,12 @@ class Entry:
         if not raw:
             return cls()
         obj = orjson.loads(raw)
+        ledger = OrderLedger.from_dict(obj["ledger"]) if obj["ledger"] else None
         return cls(
             decided=obj["decided"],
             channel=obj["channel"],
-            ledger=OrderLedger.from_dict(obj["ledger"]) if obj["ledger"] else None,
+            currency=obj.get("currency", ledger.currency if ledger else ""),
+            ledger=ledger,
             refunds=obj["refunds"],
             waiting=obj["waiting"],
         )
@@ -326,6 +352,7 @@ class Entry:
         return orjson.dumps({
             "decided": self.decided,
             "channel": self.channel,
+            "currency": self.currency,
             "ledger": self.ledger.to_dict() if self.ledger else None,
             "refunds": self.refunds,
             "waiting": self.waiting,
@@ -333,6 +360,21 @@ class Entry:
 
     def awaits_approval(self) -> bool:
         return self.ledger is not None and self.ledger.status == "pending" and not self.ledger.approved
+
+
+#: Refunds and reviews one order may have (applied or waiting for it). Ids are at most 256
+#: characters and a waiting item is stored compact (`_compact`), so an order's entry stays far
+#: below a changelog record's 1 MB; what comes beyond goes to dead-letters (`order_state_full`).
+MAX_LATER_PER_ORDER = 500
+
+
+def _compact(later: Refund | Review) -> bytes:
+    """What a refund or review waiting for its order keeps: the fields the ledger uses."""
+    if isinstance(later, Review):
+        return review_to_json(later)
+    return orjson.dumps({"type": "refund", "event_id": later.event_id,
+                         "ts": later.ts.isoformat(), "order_id": later.order_id,
+                         "amount": str(later.amount), "currency": later.currency})
 
 
 def _decode_later(raw: bytes) -> Refund | Review:
@@ -375,10 +417,13 @@ class Approvals:
 class LedgerStage:
     """One partition of orders' ledgers."""
 
-    def __init__(self, partition: int, store: Staged, approvals: Approvals) -> None:
+    def __init__(self, partition: int, store: Staged, approvals: Approvals,
+                 ref: ReferenceData | None = None, topic: str = LEDGER) -> None:
         self.partition = partition
         self.store = store
         self.approvals = approvals
+        self.ref = ref or ReferenceData()
+        self.topic = topic  # where items applied after waiting are said to come from
         self._entries: dict[str, Entry] = {}
         self._loaded: dict[str, bytes | None] = {}  # as stored when the batch first read it
 
@@ -401,8 +446,11 @@ class LedgerStage:
             self._loaded[order_id] = raw
         return entry
 
-    def receive(self, item: bytes, effects: Effects, metrics: Any) -> None:
-        """One `ledger-events` item, refund or review (validated already)."""
+    def receive(self, item: bytes, effects: Effects, metrics: Any,
+                source: tuple[str, int, int] | None = None) -> None:
+        """One `ledger-events` item, refund or review (validated already); `source` is the
+        (topic, partition, offset) a dead letter names."""
+        self._source = source or (self.topic, self.partition, -1)
         obj = orjson.loads(item)
         kind = obj.get("type")
         if kind == DECIDED_ORDER_TYPE:
@@ -425,6 +473,7 @@ class LedgerStage:
             return
         entry.decided = True
         entry.channel = order.channel
+        entry.currency = order.currency
         entry.ledger = order.ledger
         effects.row("attributed_orders", order_row(order))
         metrics.orders_attributed.labels(order.method).inc()
@@ -441,6 +490,7 @@ class LedgerStage:
         waiting = sorted((_decode_later(raw.encode()) for raw in entry.waiting),
                          key=lambda r: (r.ts, r.event_id))
         entry.waiting = []
+        self._source = (self.topic, self.partition, -1)
         for later in waiting:
             self._apply_later(later, entry, effects, metrics)
 
@@ -450,14 +500,37 @@ class LedgerStage:
         if later.event_id in entry.refunds or later.event_id in waiting_ids:
             metrics.events_duplicate.labels("reviews" if isinstance(later, Review) else "refunds").inc()
             return
+        if len(entry.refunds) + len(entry.waiting) >= MAX_LATER_PER_ORDER:
+            self._dead_letter(
+                later, "order_state_full",
+                f"order {later.order_id} already has {MAX_LATER_PER_ORDER} refunds and reviews",
+                effects, metrics)
+            return
         if not entry.decided:
-            entry.waiting.append(raw.decode())
+            entry.waiting.append(_compact(later).decode())
             return
         self._apply_later(later, entry, effects, metrics)
+
+    def _dead_letter(self, later: Refund | Review, reason: str, detail: str, effects: Effects,
+                     metrics: Any) -> None:
+        topic, partition, offset = self._source
+        effects.dead_letters.append(DeadLetter(
+            later.order_id.encode(), _compact(later), reason, detail, topic, partition, offset))
+        kind = "reviews" if isinstance(later, Review) else "refunds"
+        metrics.events_invalid.labels(kind, reason).inc()
+        metrics.dead_letters.inc()
 
     def _apply_later(self, later: Refund | Review, entry: Entry, effects: Effects, metrics: Any) -> None:
         entry.refunds.append(later.event_id)
         if isinstance(later, Review):
+            refusal = review_refusal(entry.ledger, later, self.ref.settings.reviewers)
+            if refusal is not None:
+                self._dead_letter(later, "unauthorized_review", refusal, effects, metrics)
+                effects.row("reviews", review_row(
+                    later, entry.ledger.affiliate_id if entry.ledger else "",
+                    f"unauthorized: {refusal}"))
+                metrics.reviews.labels("unauthorized").inc()
+                return
             if entry.ledger is None:
                 effects.row("reviews", review_row(later, "", "ignored: order is unattributed"))
                 return
@@ -468,6 +541,12 @@ class LedgerStage:
                 self._write_fact(fact, entry, effects, metrics)
             if entry.awaits_approval():  # released: approved at its lock end like any pending order
                 self.approvals.add(entry.ledger.lock_end, later.order_id, self.partition)
+            return
+        if later.currency and entry.currency and later.currency != entry.currency:
+            self._dead_letter(
+                later, "currency_mismatch",
+                f"refund in {later.currency} of order {later.order_id} in {entry.currency}",
+                effects, metrics)
             return
         if entry.ledger is None:
             return  # unattributed order: nothing to reverse

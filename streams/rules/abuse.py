@@ -19,6 +19,7 @@ from schemas.internal import DecidedOrder
 from schemas.reference import (
     DEFAULT_VELOCITY_WINDOW_MINUTES,
     Affiliate,
+    Program,
     ReferenceData,
     Settings,
     Velocity,
@@ -46,6 +47,7 @@ REASONS = (
     "fast_conversion",
     "customer_lookalike",
     "paid_search_click",
+    "currency_mismatch",
 )
 
 
@@ -178,6 +180,24 @@ def paid_search_click(attribution: Attribution) -> AbuseFlag | None:
     )
 
 
+def currency_mismatch(order: Order, program: Program | None) -> AbuseFlag | None:
+    """Hold: a fixed commission is paid only on orders in its currency (contract v2 §3, §6).
+
+    The order earns 0.00 (`commission_for`); a person decides whether the partner is owed the
+    amount in another currency.
+    """
+    if program is None or program.commission.type != "fixed" or not program.commission.currency:
+        return None
+    if order.currency == program.commission.currency:
+        return None
+    return AbuseFlag(
+        "currency_mismatch",
+        "hold",
+        f"program {program.program_id} pays {program.commission.amount} "
+        f"{program.commission.currency}; the order is in {order.currency}",
+    )
+
+
 def velocity_horizon(ref: ReferenceData) -> timedelta:
     """How long a redemption can matter: the longest velocity window of any program (>= 60 min).
 
@@ -236,6 +256,7 @@ def flags_for_order(
         fast_conversion(order, attribution, ref.settings),
         customer_lookalike(order, affiliate),
         paid_search_click(attribution),
+        currency_mismatch(order, ref.program_of(affiliate)),
     )
     return tuple(flag for flag in candidates if flag is not None)
 

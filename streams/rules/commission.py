@@ -31,7 +31,7 @@ def _category_key(category: str) -> str:
 def commission_for(order: Order, affiliate: Affiliate, program: Program) -> Decimal:
     """The commission of `order`, rounded half-up to 0.01.
 
-    - fixed: `amount` per order with total > 0, else 0.00. Tier and category rates are rates, so
+    - fixed: `amount` per order with total > 0 in the commission's currency, else 0.00. Tier and category rates are rates, so
       they do not apply to a fixed amount.
     - percent: total x rate (the tier's rate replaces the program's when present).
     - percent with `category_rates` and items: each item's share of the total,
@@ -42,6 +42,8 @@ def commission_for(order: Order, affiliate: Affiliate, program: Program) -> Deci
     to half a cent per item.
     """
     if program.commission.type == "fixed":
+        if program.commission.currency and order.currency != program.commission.currency:
+            return ZERO  # held with flag currency_mismatch (contract v2 §3)
         return round_cents(program.commission.amount) if order.total > 0 else ZERO
 
     rate = rate_for(affiliate, program)

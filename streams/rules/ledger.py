@@ -86,18 +86,23 @@ def _fact(
 
 
 def apply_refund(ledger: OrderLedger, refund: Refund) -> tuple[OrderLedger, CommissionFact | None]:
-    """Reverse the refunded share of the commission: -(commission x refund / total), rounded.
+    """Reverse the refunded share of the commission, cumulatively (contract v2 §5).
 
-    Each refund is rounded on its own (contract §5) and capped at what is left, so the net
-    commission never goes below 0.00. No fact when nothing moves: a zero total or commission
-    (e.g. rejected), nothing left to reverse, or a refund too small to reverse a cent.
-    `refund.amount` is taken in the order's currency. The caller deduplicates refunds by
-    event_id: applying one refund twice reverses twice (with the same fact_id).
+    The reversal is -(round(commission x min(refunded so far, total) / total) - earlier
+    reversals): the refunds are summed before rounding, so three refunds of a third reverse
+    exactly the accrual, and the net never goes below 0.00. No fact when nothing moves: a zero
+    total or commission (e.g. rejected), nothing left to reverse, or a refund too small to move
+    the rounded target by a cent (it still counts towards the next one). `refund.amount` is in
+    the order's currency: the caller rejects a refund in another (`currency_mismatch`) and
+    deduplicates refunds by event_id.
     """
+    refunded = ledger.refunded_total + refund.amount
+    ledger = replace(ledger, refunded_total=refunded)
     remaining = ledger.commission - ledger.reversed_total
     if ledger.total <= 0 or ledger.commission <= 0 or remaining <= 0:
         return ledger, None
-    reversal = min(round_cents(ledger.commission * refund.amount / ledger.total), remaining)
+    target = round_cents(ledger.commission * min(refunded, ledger.total) / ledger.total)
+    reversal = min(target - ledger.reversed_total, remaining)
     if reversal <= 0:
         return ledger, None
     fact = _fact(
@@ -108,6 +113,19 @@ def apply_refund(ledger: OrderLedger, refund: Refund) -> tuple[OrderLedger, Comm
         refund.ts,
     )
     return replace(ledger, reversed_total=ledger.reversed_total + reversal), fact
+
+
+def review_refusal(ledger: OrderLedger | None, review: Review, reviewers: Iterable[str]) -> str | None:
+    """Why `review` may not decide (contract v2 §6), or None when it may.
+
+    A decision counts only when its reviewer is on `settings.reviewers` and is not the order's
+    own affiliate (nobody releases their own commission).
+    """
+    if review.reviewer not in reviewers:
+        return f"reviewer {review.reviewer!r} is not in settings.reviewers"
+    if ledger is not None and review.reviewer == ledger.affiliate_id:
+        return f"reviewer {review.reviewer!r} is the order's own affiliate"
+    return None
 
 
 def approve_if_due(

@@ -20,7 +20,7 @@ from streams.publish import produce_lines, publish_reference, publish_review
 
 pytestmark = pytest.mark.integration
 
-T = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # a whole hour: the burst fills one hour
+T = datetime(2026, 6, 1, 10, 0, tzinfo=timezone.utc)  # a whole hour: the burst fills one hour
 M, H, D = timedelta(minutes=1), timedelta(hours=1), timedelta(days=1)
 
 REFERENCE = {
@@ -38,7 +38,8 @@ REFERENCE = {
         {"affiliate_id": "paula", "program_id": "aff", "status": "active"},
         {"affiliate_id": "cleo", "program_id": "aff", "status": "active"},
     ],
-    "settings": {"coupon_sites": ["retailmenot.com"], "fast_conversion_seconds": 5},
+    "settings": {"coupon_sites": ["retailmenot.com"], "fast_conversion_seconds": 5,
+                 "reviewers": ["ann"]},
 }
 
 
@@ -117,12 +118,16 @@ REVIEWS = [
     Review("rv-release", REVIEW_TS, "o-look", "release", "ann", "same name, different person"),
     Review("rv-reject", REVIEW_TS, "o-paid", "reject", "ann", "bids on our brand"),
     Review("rv-pending", REVIEW_TS, "o-clean", "reject", "ann", "not held: nothing to decide"),
+    # Contract v2 §6: only a name on settings.reviewers decides; this one changes nothing.
+    Review("rv-mallory", REVIEW_TS, "o-fast", "release", "mallory", "let me have it"),
 ]
 # review_id: (order_id, decision, reviewer, outcome)
 EXPECTED_REVIEWS = {
     "rv-release": ("o-look", "release", "ann", "released"),
     "rv-reject": ("o-paid", "reject", "ann", "rejected"),
     "rv-pending": ("o-clean", "reject", "ann", "ignored: order is pending, not held"),
+    "rv-mallory": ("o-fast", "release", "mallory",
+                   "unauthorized: reviewer 'mallory' is not in settings.reviewers"),
 }
 
 # fact_id: (kind, amount, status)
@@ -261,9 +266,9 @@ def test_planted_abuse_is_flagged_held_rejected_reviewed_and_reported(isolated):
         " FROM {db}.code_usage_hourly ORDER BY discount_code, hour"
     )
     assert hourly == [
-        ("BOB10", "2026-11-02 11:00:00", 1, 1, 1, 1, 1, 0),
-        ("VIRAL", "2026-11-02 10:00:00", 8, 8, 8, 8, 0, 5),
-        ("VIRAL", "2026-11-02 12:00:00", 1, 1, 1, 1, 0, 0),
+        ("BOB10", "2026-06-01 11:00:00", 1, 1, 1, 1, 1, 0),
+        ("VIRAL", "2026-06-01 10:00:00", 8, 8, 8, 8, 0, 5),
+        ("VIRAL", "2026-06-01 12:00:00", 1, 1, 1, 1, 0, 0),
     ]
     assert isolated.query(
         "SELECT coupon_site FROM {db}.attributed_orders FINAL WHERE order_id = 'o-coupon'"

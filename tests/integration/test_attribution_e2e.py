@@ -13,7 +13,7 @@ from schemas.validation import parse_reference_document
 
 pytestmark = pytest.mark.integration
 
-T = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)
+T = datetime(2026, 6, 1, 10, 0, tzinfo=timezone.utc)
 
 REFERENCE = {
     "programs": [
@@ -21,7 +21,7 @@ REFERENCE = {
          "commission": {"type": "percent", "rate": "0.10"}, "tier_rates": {"macro": "0.20"},
          "category_rates": {"gift-cards": "0.02"}},
         {"program_id": "ref", "kind": "referral", "attribution_window_days": 7, "lock_days": 14,
-         "commission": {"type": "fixed", "amount": "5.00"}},
+         "commission": {"type": "fixed", "amount": "5.00", "currency": "EUR"}},
     ],
     "affiliates": [
         {"affiliate_id": "sally", "program_id": "aff", "tier": "macro", "customer_id": "cust-sally",

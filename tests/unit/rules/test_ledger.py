@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.events import Refund
 from schemas.facts import AbuseFlag, Attribution, CommissionFact, OrderLedger
 from schemas.reference import Program
 from streams.rules.ledger import apply_refund, approve_if_due, lock_end, open_ledger
+from streams.rules.money import round_cents
 
 from .builders import T0, at, order, program, refund, touch
 
@@ -62,6 +65,40 @@ def test_the_ledger_survives_the_round_trip_through_json() -> None:
 
 # apply_refund
 
+def _assert_counted_without_fact(ledger: OrderLedger, refund_: Refund) -> None:
+    """The refund moves no money, but counts towards the next one (cumulative reversals)."""
+    after, fact = apply_refund(ledger, refund_)
+    assert fact is None
+    assert after == replace(ledger, refunded_total=ledger.refunded_total + refund_.amount)
+
+
+def test_refunds_are_summed_before_rounding_so_a_full_refund_reverses_exactly_the_accrual() -> None:
+    ledger = _ledger("10.00", "3.00")
+    amounts = []
+    for i in range(3):
+        ledger, fact = apply_refund(ledger, refund(f"r-{i}", "1", at(days=1 + i)))
+        amounts.append(fact.amount if fact else None)
+    # v1 rounded each refund alone: -3.33 three times, leaving 0.01 to be approved.
+    assert amounts == [Decimal("-3.33"), Decimal("-3.34"), Decimal("-3.33")]
+    assert ledger.net_commission == Decimal("0.00")
+
+
+def test_refunds_too_small_alone_reverse_once_together_they_move_a_cent() -> None:
+    ledger = _ledger("10.00", "1000.00")  # 0.04 of 1000 reverses 0.0004: nothing
+    ledger, first = apply_refund(ledger, refund("r-1", "0.40", at(days=1)))
+    ledger, second = apply_refund(ledger, refund("r-2", "0.40", at(days=2)))
+    assert first is None and second is not None and second.amount == Decimal("-0.01")
+
+
+def test_a_ledger_stored_before_v2_reads_its_refunds_back_from_its_reversals() -> None:
+    stored = _ledger("10.00", "100.00").to_dict()
+    stored["reversed_total"] = "2.50"
+    del stored["refunded_total"]
+    ledger = OrderLedger.from_dict(stored)
+    assert ledger.refunded_total == Decimal("25.00")
+    ledger, fact = apply_refund(ledger, refund("r-9", "75", at(days=3)))
+    assert fact is not None and fact.amount == Decimal("-7.50")
+
 def test_a_refund_reverses_its_pro_rata_share_of_the_commission() -> None:
     ledger, fact = apply_refund(_ledger(), refund("r-1", "25.00", at(days=1)))
     assert fact == CommissionFact("o-1:reversal:r-1", "o-1", "sally", "ambassadors", "reversal",
@@ -112,7 +149,7 @@ def test_a_refund_of_an_approved_order_is_a_clawback() -> None:
 
 def test_a_refund_of_a_rejected_order_writes_no_fact() -> None:
     ledger = _ledger(flags=(REJECT,))
-    assert apply_refund(ledger, refund("r-1", "50", at(days=1))) == (ledger, None)
+    _assert_counted_without_fact(ledger, refund("r-1", "50", at(days=1)))
 
 
 def test_a_refund_of_a_held_order_reverses_the_held_commission() -> None:
@@ -122,17 +159,17 @@ def test_a_refund_of_a_held_order_reverses_the_held_commission() -> None:
 
 def test_a_refund_of_an_order_with_total_zero_writes_no_fact() -> None:
     ledger = _ledger("5.00", "0")
-    assert apply_refund(ledger, refund("r-1", "1", at(days=1))) == (ledger, None)
+    _assert_counted_without_fact(ledger, refund("r-1", "1", at(days=1)))
 
 
 def test_a_refund_too_small_to_reverse_a_cent_writes_no_fact() -> None:
     ledger = _ledger("10.00", "1000.00")
-    assert apply_refund(ledger, refund("r-1", "0.04", at(days=1))) == (ledger, None)
+    _assert_counted_without_fact(ledger, refund("r-1", "0.04", at(days=1)))
 
 
 def test_a_refund_after_a_full_reversal_writes_no_fact() -> None:
     ledger, _ = apply_refund(_ledger(), refund("r-1", "100", at(days=1)))
-    assert apply_refund(ledger, refund("r-2", "1", at(days=2))) == (ledger, None)
+    _assert_counted_without_fact(ledger, refund("r-2", "1", at(days=2)))
 
 
 money = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("100000"), places=2)
@@ -156,6 +193,9 @@ def test_net_commission_never_goes_below_zero_for_any_refunds(
             net += fact.amount
         assert net >= 0
         assert net == ledger.net_commission
+        refunded = sum(refunds[: i + 1], Decimal(0))
+        if total > 0 and accrual.amount > 0:  # cumulative (contract v2 §5)
+            assert accrual.amount - net == round_cents(accrual.amount * min(refunded, total) / total)
     if sum(refunds, Decimal(0)) >= total > 0:
         assert net == 0
 

@@ -559,12 +559,13 @@ def test_the_contract_example_parses_into_records() -> None:
 
 def test_a_program_takes_the_contract_defaults() -> None:
     program = parse_program(
-        {"program_id": "friends", "kind": "referral", "commission": {"type": "fixed", "amount": 5}}
+        {"program_id": "friends", "kind": "referral",
+         "commission": {"type": "fixed", "amount": 5, "currency": " eur"}}
     )
     assert program == Program(
         program_id="friends",
         kind="referral",
-        commission=Commission(type="fixed", amount=Decimal(5)),
+        commission=Commission(type="fixed", amount=Decimal(5), currency="EUR"),
         attribution_window_days=30,
         lock_days=30,
         velocity=Velocity(max_customers=20, window_minutes=60),
@@ -650,12 +651,35 @@ INVALID_REFERENCE: list[tuple[str, bytes, str]] = [
     ),
     (
         "negative fixed amount",
-        document(programs=[_program(commission={"type": "fixed", "amount": -5}, tier_rates={})]),
+        document(programs=[_program(commission={"type": "fixed", "amount": -5, "currency": "EUR"},
+                                    tier_rates={})]),
         "programs[0].commission.amount: must be a decimal >= 0",
     ),
     (
+        "fixed without currency",
+        document(programs=[_program(commission={"type": "fixed", "amount": 5}, tier_rates={})]),
+        "programs[0].commission.currency: is required for a fixed commission",
+    ),
+    (
+        "fixed with a bad currency",
+        document(programs=[_program(commission={"type": "fixed", "amount": 5, "currency": "EURO"},
+                                    tier_rates={})]),
+        "programs[0].commission.currency: must be a 3-letter ISO 4217 code",
+    ),
+    (
+        "reviewers not strings",
+        document(settings={"reviewers": ["ann", 7]}),
+        "settings.reviewers[1]: must be a non-empty string",
+    ),
+    (
+        "max_future_seconds too large",
+        document(settings={"max_future_seconds": 10**6}),
+        "settings.max_future_seconds",
+    ),
+    (
         "tier rates on a fixed program",
-        document(programs=[_program(commission={"type": "fixed", "amount": 5}, category_rates={})]),
+        document(programs=[_program(commission={"type": "fixed", "amount": 5, "currency": "EUR"},
+                                    category_rates={})]),
         "programs[0].tier_rates: is only allowed with a percent commission",
     ),
     (
@@ -899,7 +923,8 @@ def programs(draw: st.DrawFn) -> Program:
         commission=(
             Commission(type="percent", rate=draw(rates))
             if percent
-            else Commission(type="fixed", amount=draw(money))
+            else Commission(type="fixed", amount=draw(money),
+                            currency=draw(st.sampled_from(["EUR", "USD", "JPY"])))
         ),
         attribution_window_days=draw(st.integers(min_value=1, max_value=3650)),
         lock_days=draw(st.integers(min_value=0, max_value=3650)),

@@ -16,7 +16,7 @@ import orjson
 from schemas.events import Click, Refund, Review
 from schemas.facts import AbuseFlag, Attribution
 from schemas.internal import DecidedOrder
-from schemas.reference import ReferenceData, Velocity
+from schemas.reference import ReferenceData, Settings, Velocity
 from schemas.validation import encode_json, review_to_json
 from streams.engine.effects import Effects, Forward
 from streams.engine.stages import Approvals, LedgerStage
@@ -40,6 +40,8 @@ REF: ReferenceData = reference(
         affiliate("bob", customer_id="cust-bob"),
     ),
     programs=(program(lock_days=30, velocity=Velocity(MAX_CUSTOMERS, window_minutes=60)),),
+    # "sally" may review (others' orders only: contract v2 §6); "mallory" may not review at all.
+    settings=Settings(reviewers=("ann", "sally")),
 )
 LOCK_END = at(days=30)
 HOLD = AbuseFlag("fast_conversion", "hold", "order 1 s after click c-1, minimum 5 s")
@@ -64,6 +66,9 @@ class _Family:
 
     def labels(self, *values: str) -> "_Child":
         return _Child(self.counts, (self.name, *values))
+
+    def inc(self, amount: float = 1) -> None:  # an unlabelled counter
+        self.counts[(self.name,)] += int(amount)
 
 
 class _Child:
@@ -131,12 +136,12 @@ def review_item(event_id: str, decision: str, ts: datetime, order_id: str = "o-1
 
 
 def ledger_batch(store: MemoryStore, approvals: Approvals, items: list[bytes],
-                 metrics: Any = None, partition: int = 0) -> Effects:
+                 metrics: Any = None, partition: int = 0, ref: ReferenceData = REF) -> Effects:
     """One batch of one ledger partition as `Engine.process` runs it: receive every item, approve
     what the event time made due, stage, then make the state (the changelog is assumed acked)."""
     metrics = metrics if metrics is not None else FakeMetrics()
     staged = Staged(store)
-    stage = LedgerStage(partition, staged, approvals)
+    stage = LedgerStage(partition, staged, approvals, ref)
     effects = Effects()
     for item in items:
         stage.receive(item, effects, metrics)

@@ -9,7 +9,7 @@ import orjson
 
 from schemas.internal import DecidedOrder
 from streams.engine.effects import LEDGER, Effects
-from streams.engine.stages import PROGRESS_KEY, CodeStage, progress_item
+from streams.engine.stages import PROGRESS_KEY, CodeStage, customer_token, progress_item
 from streams.engine.state import MemoryStore, Staged
 
 from engine_builders import MAX_CUSTOMERS, REF, at, code_item, coded, pending, progress
@@ -204,7 +204,7 @@ def test_replaying_the_same_items_counts_each_use_once() -> None:
     again = part.batch(*orders)  # the same records re-read after a crash
     assert all(flags == [] for flags in _flags(again).values())
     uses = orjson.loads(part.store.data[b"SALLY20"])
-    assert sorted(customer for _, customer in uses) == ["cust-0", "cust-1", "cust-2"]
+    assert sorted(customer for _, customer in uses) == sorted(_tokens("cust-0", "cust-1", "cust-2"))
 
 
 def test_a_replay_over_the_state_it_left_forwards_the_same_decisions() -> None:
@@ -234,7 +234,7 @@ def test_uses_no_order_to_come_can_count_are_forgotten() -> None:
     # Velocity horizon (60 min) plus the late-order allowance (6 h) later, the old use goes.
     part.batch(code_item(coded("o-2", "cust-2", at(hours=7, minutes=1)), {0: 0}))
     uses = orjson.loads(part.store.data[b"SALLY20"])
-    assert [customer for _, customer in uses] == ["cust-2"]
+    assert [customer for _, customer in uses] == _tokens("cust-2")
 
 
 def test_a_waiting_order_keeps_the_uses_around_its_own_ts() -> None:
@@ -245,6 +245,23 @@ def test_a_waiting_order_keeps_the_uses_around_its_own_ts() -> None:
                code_item(coded("o-wait", "cust-w", at(minutes=30)), {0: 5}))
     assert part.stage.first_waiting_offset() == 2
     stored = [c for _, c in orjson.loads(part.store.data[b"SALLY20"])]
-    assert stored == ["cust-1", "cust-2"]  # cust-1 is inside o-wait's window: kept
+    assert stored == _tokens("cust-1", "cust-2")  # cust-1 is inside o-wait's window: kept
     [sent] = part.batch(progress(0, 5))
     assert sent.order_id == "o-wait"
+
+
+def _tokens(*customers: str) -> list[str]:
+    return [customer_token(c) for c in customers]
+
+
+def test_the_state_keeps_customer_tokens_and_reads_ids_stored_before_as_tokens() -> None:
+    assert customer_token("cust-1") != customer_token("cust-2")
+    assert customer_token("cust-1") == customer_token(customer_token("cust-1"))
+    assert customer_token("cust-1", b"key") != customer_token("cust-1")
+    part = Partition()
+    part.store.data[b"SALLY20"] = orjson.dumps([[at(minutes=1).timestamp(), "cust-legacy"]])
+    sent = part.batch(*_customers(1))
+    assert sent
+    stored = [c for _, c in orjson.loads(part.store.data[b"SALLY20"])]
+    assert "cust-legacy" not in stored and customer_token("cust-legacy") in stored
+    assert all(c.startswith("h:") for c in stored)

@@ -12,7 +12,14 @@ import pytest
 
 from schemas.events import Order
 from streams.engine.effects import CODE, LEDGER, Effects
-from streams.engine.stages import Approvals, CodeStage, Entry, LedgerStage, VisitorStage
+from streams.engine.stages import (
+    MAX_LATER_PER_ORDER,
+    Approvals,
+    CodeStage,
+    Entry,
+    LedgerStage,
+    VisitorStage,
+)
 from streams.engine.state import MemoryStore, Staged
 from streams.rules.attribution import touch_horizon
 
@@ -153,10 +160,6 @@ def test_refunds_never_reverse_more_than_the_accrual() -> None:
     assert [f[2] for f in facts(effects)] == ["10.00", "-7.00", "-3.00"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "contract v2 §5: reversals are cumulative, -(round(commission x min(refunded so far, total) "
-    "/ total) - earlier reversals), so a full refund reverses exactly the accrual; "
-    "streams.rules.ledger.apply_refund still rounds each refund on its own (v1): 3.33 x 3"))
 def test_a_full_refund_in_three_parts_reverses_exactly_the_accrual() -> None:
     store = MemoryStore()
     effects = ledger_batch(store, Approvals(), [
@@ -168,15 +171,29 @@ def test_a_full_refund_in_three_parts_reverses_exactly_the_accrual() -> None:
     assert [f[2] for f in facts(effects)] == ["10.00", "-3.33", "-3.34", "-3.33"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "contract v2 §5: a refund whose currency differs from its order's goes to dead-letters "
-    "(currency_mismatch) and reverses nothing; LedgerStage does not compare currencies"))
 def test_a_refund_in_another_currency_reverses_nothing() -> None:
     effects = ledger_batch(MemoryStore(), Approvals(), [
         pending(currency="EUR").to_json(),
         refund_item("r-1", "50", at(days=1), currency="USD"),
     ])
     assert [f[1] for f in facts(effects)] == ["accrual"]
+    assert [(d.reason, d.source_topic) for d in effects.dead_letters] == [
+        ("currency_mismatch", "ledger-events")]
+
+
+def test_a_refund_in_another_currency_waiting_for_its_order_is_refused_when_it_comes() -> None:
+    store = MemoryStore()
+    ledger_batch(store, Approvals(), [refund_item("r-1", "50", at(days=1), currency="JPY")])
+    effects = ledger_batch(store, Approvals(), [pending(currency="EUR").to_json()])
+    assert [f[1] for f in facts(effects)] == ["accrual"]
+    assert [d.reason for d in effects.dead_letters] == ["currency_mismatch"]
+
+
+def test_a_refund_without_a_currency_is_in_its_orders() -> None:
+    effects = ledger_batch(MemoryStore(), Approvals(), [
+        pending(currency="EUR").to_json(), refund_item("r-1", "50", at(days=1))])
+    assert [f[1] for f in facts(effects)] == ["accrual", "reversal"]
+    assert effects.dead_letters == []
 
 
 # reviews
@@ -190,16 +207,35 @@ def test_a_review_before_its_order_waits_for_it() -> None:
     assert [row[-1] for row in effects.rows["reviews"]] == ["rejected"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "contract v2 §6: a review counts only when its reviewer is in settings.reviewers and is not "
-    "the order's affiliate; any other goes to dead-letters (unauthorized_review) and changes "
-    "nothing. Settings has no reviewers yet and LedgerStage applies every review"))
 def test_a_review_by_the_orders_own_affiliate_changes_nothing() -> None:
     store = MemoryStore()
     effects = ledger_batch(store, Approvals(), [
         held().to_json(), review_item("v-1", "release", at(days=1), reviewer="sally")])
     assert all(row[-1] != "released" for row in effects.rows.get("reviews", []))
     assert _entry(store).ledger.status == "held"  # type: ignore[union-attr]
+    assert [d.reason for d in effects.dead_letters] == ["unauthorized_review"]
+
+
+def test_a_review_by_someone_not_on_the_reviewers_list_changes_nothing() -> None:
+    store = MemoryStore()
+    effects = ledger_batch(store, Approvals(), [
+        held().to_json(), review_item("v-1", "reject", at(days=1), reviewer="mallory")])
+    assert facts(effects) == [("o-1:accrual", "accrual", "10.00", "held")]
+    assert [(d.reason, d.detail) for d in effects.dead_letters] == [
+        ("unauthorized_review", "reviewer 'mallory' is not in settings.reviewers")]
+    assert [row[4] for row in effects.rows["reviews"]] == ["mallory"]  # who tried is kept
+    # An authorized reviewer still decides afterwards.
+    effects = ledger_batch(store, Approvals(), [review_item("v-2", "release", at(days=2))])
+    assert [row[-1] for row in effects.rows["reviews"]] == ["released"]
+
+
+def test_an_order_takes_only_so_many_refunds_the_rest_are_dead_lettered() -> None:
+    store = MemoryStore()
+    items = [refund_item(f"r-{i}", "0.01", at(days=1), order_id="o-404")
+             for i in range(MAX_LATER_PER_ORDER + 3)]
+    effects = ledger_batch(store, Approvals(), items)
+    assert [d.reason for d in effects.dead_letters] == ["order_state_full"] * 3
+    assert len(store.get(b"o-404") or b"") < 200_000
 
 
 def test_a_review_does_not_move_the_event_time() -> None:
