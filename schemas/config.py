@@ -10,7 +10,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,7 +57,15 @@ def changelog_topic_for(app_id: str, table: str) -> str:
 
 
 class ClickHouseTarget:
-    """A parsed `clickhouse://user:password@host:port/database` URL."""
+    """A parsed `clickhouse[s]://user:password@host:port/database[?ca_certs=PATH&verify=BOOL]` URL.
+
+    `clickhouses://` is the native protocol over TLS (port 9440 unless given). The server's
+    certificate is verified, against the CA bundle `ca_certs` or else the system's, unless
+    `verify=false` (never in production: anyone on the path could read the passwords).
+    """
+
+    #: The URL's query options; any other is a mistake, refused rather than ignored.
+    OPTIONS = ("ca_certs", "verify")
 
     def __init__(self, url: str) -> None:
         parsed = urlparse(url)
@@ -71,9 +79,33 @@ class ClickHouseTarget:
         self.secure = parsed.scheme == "clickhouses"
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.database):
             raise ValueError(f"ClickHouse database name {self.database!r} is not a plain identifier")
+        options = parse_qs(parsed.query, keep_blank_values=True, strict_parsing=bool(parsed.query))
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"CLICKHOUSE_URL has unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(self.OPTIONS)}")
+        if options and not self.secure:
+            raise ValueError("CLICKHOUSE_URL: ca_certs and verify are TLS options; use clickhouses://")
+        if any(len(values) > 1 for values in options.values()):
+            raise ValueError("CLICKHOUSE_URL gives an option twice")
+        verify = options.get("verify", ["true"])[0].lower()
+        if verify not in ("true", "false"):
+            raise ValueError(f"CLICKHOUSE_URL: verify must be true or false, got {verify!r}")
+        #: Whether the server's certificate must be signed by a trusted CA and name the host.
+        self.verify = self.secure and verify == "true"
+        #: The CA bundle that signs the server's certificate; None: the system's CAs.
+        self.ca_certs = Path(options["ca_certs"][0]) if "ca_certs" in options else None
+        if self.ca_certs is not None:
+            if not self.verify:
+                raise ValueError("CLICKHOUSE_URL: ca_certs is unused with verify=false")
+            if not self.ca_certs.is_file():
+                raise ValueError(f"CLICKHOUSE_URL: ca_certs {str(self.ca_certs)!r} is not a file")
 
     def __repr__(self) -> str:  # never shows the password
-        return f"clickhouse://{self.user}@{self.host}:{self.port}/{self.database}"
+        scheme = "clickhouses" if self.secure else "clickhouse"
+        options = "".join((f"?ca_certs={self.ca_certs}" if self.ca_certs else "",
+                           "?verify=false" if self.secure and not self.verify else ""))
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/{self.database}{options}"
 
 
 class Config(BaseSettings):

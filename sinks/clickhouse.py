@@ -13,6 +13,7 @@ at once (a flush inserts into each table on a thread of its own).
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,8 @@ from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
-#: Server error codes that retrying cannot fix: the schema or the credentials are wrong.
+#: Server error codes that retrying cannot fix: the schema or the credentials are wrong. (An
+#: untrusted TLS certificate is fatal too, see `is_untrusted_certificate`.)
 #: 60 unknown table, 81 unknown database, 16 no such column, 47 unknown identifier,
 #: 516/192/193/194 authentication, 195 address not allowed, 164 readonly user, 497 access
 #: denied, 291 database access denied (18.16's allow_databases), 62 syntax error.
@@ -107,7 +109,11 @@ class Rejected:
 
 
 def connect(target: ClickHouseTarget, *, with_database: bool = True) -> Client:
-    """A native-protocol client for `target` (its database, unless `with_database` is False)."""
+    """A native-protocol client for `target` (its database, unless `with_database` is False).
+
+    Every ClickHouse connection of the project is made here, so TLS and its verification are
+    decided in one place (`deploy/` probes its own local server without it: it imports no sinks).
+    """
     return Client(
         host=target.host,
         port=target.port,
@@ -115,6 +121,8 @@ def connect(target: ClickHouseTarget, *, with_database: bool = True) -> Client:
         password=target.password.get_secret_value(),
         database=target.database if with_database else "default",
         secure=target.secure,
+        verify=target.verify,
+        ca_certs=str(target.ca_certs) if target.ca_certs else None,
         connect_timeout=5,
         send_receive_timeout=60,
         settings={"insert_block_size": 1_000_000},
@@ -123,7 +131,7 @@ def connect(target: ClickHouseTarget, *, with_database: bool = True) -> Client:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same statement later may succeed (the server or network recovers)."""
-    if is_data_error(exc):
+    if is_data_error(exc) or is_untrusted_certificate(exc):
         return False
     if isinstance(exc, ch_errors.ServerException):
         return exc.code not in FATAL_SERVER_CODES
@@ -135,6 +143,15 @@ def is_data_error(exc: BaseException) -> bool:
     if isinstance(exc, ch_errors.ServerException):
         return exc.code in DATA_ERROR_CODES or is_partition_overflow(exc)
     return isinstance(exc, DRIVER_DATA_ERRORS)
+
+
+def is_untrusted_certificate(exc: BaseException) -> bool:
+    """The server's TLS certificate does not verify: a wrong `ca_certs` or host, not an outage.
+
+    The driver turns the `ssl.SSLCertVerificationError` into a `NetworkError` with its text.
+    """
+    return (isinstance(exc, ssl.SSLCertVerificationError)
+            or (isinstance(exc, ch_errors.NetworkError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)))
 
 
 def is_partition_overflow(exc: BaseException) -> bool:
