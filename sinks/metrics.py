@@ -34,6 +34,8 @@ class Metrics:
     batches_dropped: Counter
     batch_phase_seconds: Histogram
     coded_orders_waiting: Gauge
+    reference_loaded: Gauge
+    orders_without_programs: Counter
 
 
 def _build() -> Metrics:
@@ -101,6 +103,15 @@ def _build() -> Metrics:
         coded_orders_waiting=Gauge(
             "attribution_coded_orders_waiting",
             "Orders with a discount code waiting for every orders partition's progress (velocity)",
+        ),
+        reference_loaded=Gauge(
+            "attribution_reference_loaded",
+            "Reference records this worker holds: programs, affiliates, settings (0 or 1)",
+            ["kind"],
+        ),
+        orders_without_programs=Counter(
+            "attribution_orders_without_programs",
+            "Orders decided while no program was loaded (every one of them is unattributed)",
         ),
     )
 

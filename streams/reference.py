@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from schemas.config import Config
 from schemas.reference import Affiliate, Program, ReferenceData, Settings
 from schemas.validation import InvalidReference, parse_affiliate, parse_program, parse_settings
+from sinks.metrics import METRICS
 
 from .kafka_clients import aio_consumer
 from .kafka_meta import partitions_of
@@ -32,6 +33,7 @@ class ReferenceReader:
         self._programs: dict[str, Program] = {}
         self._affiliates: dict[str, Affiliate] = {}
         self._settings = Settings()
+        self._settings_loaded = False
         self._topics = {
             config.topic("ref-programs"): self._apply_program,
             config.topic("ref-affiliates"): self._apply_affiliate,
@@ -64,6 +66,7 @@ class ReferenceReader:
                         affiliates=dict(self._affiliates),
                         settings=self._settings,
                     )
+                    self._export()
                 if not self.ready.is_set():
                     positions = {tp: await consumer.position(tp) for tp in partitions}
                     if all(positions[tp] >= initial_end[tp] for tp in partitions):
@@ -71,9 +74,20 @@ class ReferenceReader:
                             "reference data loaded: %d programs, %d affiliates",
                             len(self._programs), len(self._affiliates),
                         )
+                        if not self._programs:
+                            log.warning(
+                                "no program is loaded (topic %s is empty): every order will be "
+                                "written unattributed until `attribution load-reference` runs",
+                                self.config.topic("ref-programs"))
+                        self._export()
                         self.ready.set()
         finally:
             await consumer.stop()
+
+    def _export(self) -> None:
+        METRICS.reference_loaded.labels("programs").set(len(self._programs))
+        METRICS.reference_loaded.labels("affiliates").set(len(self._affiliates))
+        METRICS.reference_loaded.labels("settings").set(1 if self._settings_loaded else 0)
 
     def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> bool:
         handler = self._topics[topic]
@@ -100,3 +114,4 @@ class ReferenceReader:
 
     def _apply_settings(self, key: str, value: bytes | None) -> None:
         self._settings = Settings() if value is None else parse_settings(orjson.loads(value))
+        self._settings_loaded = value is not None

@@ -27,6 +27,7 @@ stages, waiting orders and stores are closed; assigned ones are restored from th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from datetime import datetime, timedelta, timezone
@@ -62,6 +63,7 @@ from schemas.validation import (
     decode_review,
 )
 from sinks.clickhouse import RowSink
+from streams.pii import scrub
 from sinks.metrics import METRICS
 from sinks.rows import TABLES, share_row
 
@@ -154,6 +156,8 @@ class Engine:
         self.partitions: dict[int, PartitionState] = {}
         self.approvals = Approvals()
         self.sink = RowSink(config.clickhouse, TABLES)
+        self._pii_key: bytes | None = config.pii_key
+        self._no_programs_warned = -1e9
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.restorer: AIOKafkaConsumer | None = None
@@ -416,7 +420,10 @@ class Engine:
                     new_waiting.append((tp.partition, waiting))
         if new_waiting:
             await self._set_targets(new_waiting)
+        decided_before = len(effects.forwards)
         await self._decide_orders(visitors, ref, effects)
+        if not ref.programs and len(effects.forwards) > decided_before:
+            self._warn_no_programs(len(effects.forwards) - decided_before)
         for visitor_stage in visitors.values():
             visitor_stage.finish()
 
@@ -507,7 +514,8 @@ class Engine:
         encoded = key.encode()
         if partition_of(encoded, self.n) == tp.partition:
             return False
-        effects.forward(topic, encoded, raw, record.timestamp)
+        # Internal topics hold ip and user_agent only as their keyed hash (contract v2 §1).
+        effects.forward(topic, encoded, scrub(raw, self._pii_key), record.timestamp)
         return True
 
     def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
@@ -539,6 +547,17 @@ class Engine:
             return
         visitors[tp.partition].forget(visitor_id)
         log.info("forgot visitor state on partition %d (attribution forget)", tp.partition)
+
+    def _warn_no_programs(self, orders: int) -> None:
+        """Orders decided with no program loaded are all unattributed: say so, loudly but not
+        for every batch (an alert fires on the counter)."""
+        METRICS.orders_without_programs.inc(orders)
+        now = time.monotonic()
+        if now - self._no_programs_warned >= 60:
+            self._no_programs_warned = now
+            log.warning("%d orders decided while no program is loaded: they are written "
+                        "unattributed. Run `attribution load-reference` (topic %s is empty)",
+                        orders, self.config.topic("ref-programs"))
 
     def _internal_items(self, record: Any, tp: TopicPartition,
                         effects: Effects) -> list[tuple[int, dict[str, Any]]]:
@@ -663,7 +682,36 @@ class Engine:
             for table, rows in effects.rows.items():
                 for row in rows:
                     self.sink.add(table, row)
-            await asyncio.to_thread(self.sink.flush)
+            rejected = await asyncio.to_thread(self.sink.flush)
+            if rejected:
+                # Rows the server refused for their data (found by bisecting the insert): the
+                # rest of the batch is written; these go to dead-letters, as the row itself.
+                assert self.producer is not None
+                deliveries = []
+                for bad in rejected:
+                    log.error("ClickHouse rejected a row of %s, sent to dead-letters: %s",
+                              bad.table, bad.error)
+                    METRICS.dead_letters.inc()
+                    dead = DeadLetter(None, orjson.dumps(list(bad.row), default=str),
+                                      "rejected_by_clickhouse", bad.error[:1000],
+                                      f"clickhouse:{bad.table}", -1, -1)
+                    deliveries.append(await self._send_dead_letter(dead))
+                await asyncio.gather(*deliveries)
+
+    async def _send_dead_letter(self, dead: DeadLetter) -> Any:
+        """A dead letter as sent: `ip`/`user_agent` only as their keyed hash, and at most
+        DEAD_LETTER_MAX_BYTES of the value, with the original's length and sha256 in headers
+        (a 1 MB record must not make a dead letter the broker refuses: that crash-looped)."""
+        assert self.producer is not None
+        value = scrub(dead.value, self._pii_key)
+        headers = dead.headers()
+        if len(value) > DEAD_LETTER_MAX_BYTES:
+            headers += [("truncated", b"true"),
+                        ("original_length", str(len(dead.value)).encode()),
+                        ("original_sha256", hashlib.sha256(dead.value).hexdigest().encode())]
+            value = value[:DEAD_LETTER_MAX_BYTES]
+        return await self.producer.send(self.out_topics[DEAD], key=dead.key, value=value,
+                                        headers=headers)
 
     async def _send_records(self, effects: Effects) -> None:
         """Forwards (as JSON-array records per partition), dead letters, flag messages."""
@@ -676,8 +724,7 @@ class Engine:
         for (topic, p), items in by_partition.items():
             deliveries += await self._send_arrays(topic, p, items)
         for dead in effects.dead_letters:
-            deliveries.append(await self.producer.send(
-                self.out_topics[DEAD], key=dead.key, value=dead.value, headers=dead.headers()))
+            deliveries.append(await self._send_dead_letter(dead))
         for key, value in effects.flags:
             deliveries.append(await self.producer.send(self.out_topics[ABUSE], key=key, value=value))
         await asyncio.gather(*deliveries)
@@ -783,6 +830,10 @@ class Engine:
                 self.consumer.resume(tp)
                 self._paused.discard(tp)
 
+
+#: The most of a rejected value a dead letter keeps (an event is at most 64 KiB: every valid-size
+#: element is kept whole); a longer one keeps this prefix with its length and sha256.
+DEAD_LETTER_MAX_BYTES = 64 * 1024
 
 #: What a malformed internal item raises while a stage parses it: missing keys, wrong types,
 #: bad numbers or dates. It goes to dead-letters (`malformed_internal`).
