@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.facts import AbuseFlag, Attribution, CodeRedemptions, Method
-from schemas.reference import Settings, Velocity
+from schemas.reference import Commission, Settings, Velocity
 from streams.rules.abuse import (
+    currency_mismatch,
     code_velocity,
     coupon_site_referrer,
     fast_conversion,
@@ -259,3 +261,12 @@ def test_status_is_held_with_a_hold_flag() -> None:
 def test_a_reject_flag_beats_a_hold_flag() -> None:
     assert status_for((HOLD, REJECT)) == "rejected"
     assert status_for((REJECT, HOLD)) == "rejected"
+
+
+def test_currency_mismatch_holds_an_order_not_in_its_fixed_commissions_currency() -> None:
+    flat = program(commission=Commission("fixed", amount=Decimal("5.00"), currency="EUR"))
+    flag = currency_mismatch(order(currency="USD"), flat)
+    assert flag == AbuseFlag("currency_mismatch", "hold",
+                             "program ambassadors pays 5.00 EUR; the order is in USD")
+    assert currency_mismatch(order(currency="EUR"), flat) is None
+    assert currency_mismatch(order(currency="USD"), program()) is None  # percent: any currency

@@ -110,3 +110,9 @@ def test_an_order_without_items_earns_the_plain_rate_even_with_category_rates() 
 def test_items_are_ignored_when_the_program_has_no_category_rates() -> None:
     basket = order(total=Decimal("100"), items=(item("gift-cards", "1", "100"),))
     assert commission_for(basket, affiliate(), program()) == Decimal("10.00")
+
+
+def test_a_fixed_commission_is_paid_only_on_orders_in_its_currency() -> None:
+    flat = program(commission=Commission("fixed", amount=Decimal("5.00"), currency="EUR"))
+    assert commission_for(order(total=Decimal("80"), currency="EUR"), affiliate(), flat) == Decimal("5.00")
+    assert commission_for(order(total=Decimal("80"), currency="USD"), affiliate(), flat) == Decimal("0.00")

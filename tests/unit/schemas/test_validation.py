@@ -28,6 +28,8 @@ from schemas.validation import (
     InvalidReference,
     affiliate_to_json,
     decode_event,
+    decode_record,
+    decode_review,
     encode_json,
     parse_affiliate,
     parse_program,
@@ -995,3 +997,40 @@ def test_any_reference_document_parses_or_is_rejected_with_a_path(doc: dict[str,
         parse_reference_document(orjson.dumps(doc))
     except InvalidReference as error:
         assert str(error)
+
+
+# contract v2 §2: event time is bounded by the processing clock
+
+NOT_AFTER = datetime(2026, 11, 2, 10, 20, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("event_type", ["click", "share", "order", "refund"])
+def test_an_event_later_than_the_bound_is_ts_in_future(event_type: str) -> None:
+    on_time = orjson.dumps(BASE[event_type] | {"ts": "2026-11-02T10:20:00Z"})
+    late = orjson.dumps(BASE[event_type] | {"ts": "2026-11-02T10:20:00.000001Z"})
+    assert decode_event(on_time, not_after=NOT_AFTER).ts == NOT_AFTER
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(late, not_after=NOT_AFTER)
+    assert caught.value.reason == "ts_in_future"
+
+
+def test_one_future_element_of_a_batched_record_is_rejected_alone() -> None:
+    raw = orjson.dumps([BASE["click"], BASE["click"] | {"event_id": "c-2", "ts": "2095-01-01T00:00:00Z"}])
+    decoded = decode_record(raw, "click", not_after=NOT_AFTER)
+    assert [d.error.reason if d.error else "ok" for d in decoded] == ["ok", "ts_in_future"]
+
+
+def test_a_future_review_is_ts_in_future() -> None:
+    raw = orjson.dumps({"type": "review", "event_id": "v-1", "ts": "2095-01-01T00:00:00Z",
+                        "order_id": "o-1", "decision": "release", "reviewer": "ann"})
+    with pytest.raises(InvalidEvent) as caught:
+        decode_review(raw, not_after=NOT_AFTER)
+    assert caught.value.reason == "ts_in_future"
+
+
+@pytest.mark.parametrize("field", ["event_id", "visitor_id", "session_id", "affiliate_id"])
+def test_an_id_longer_than_256_characters_is_out_of_range(field: str) -> None:
+    assert decode_event(orjson.dumps(BASE["click"] | {field: "x" * 256}))
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(orjson.dumps(BASE["click"] | {field: "x" * 257}))
+    assert caught.value.reason == "out_of_range"
