@@ -355,6 +355,98 @@ def print_report_table(rows: list[dict[str, object]]) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
+# --- personal data -------------------------------------------------------------------------
+
+
+@app.command("forget")
+def forget(
+    customer: str = typer.Option(..., "--customer", metavar="ID",
+                                 help="The customer_id to forget, as the orders carry it."),
+    requested_by: Optional[str] = typer.Option(
+        None, "--requested-by", metavar="WHO",
+        help="Who asked for the erasure, for the audit row. Default: the OS user."),
+    timeout: float = typer.Option(600, min=1, help="Seconds to wait for ClickHouse's mutations."),
+) -> None:
+    """Erase a customer's identifiers (GDPR), keeping the money facts. Idempotent.
+
+    Finds the customer's orders and the visitor ids they were placed as, and
+    tells the worker to drop those visitors' state (forget records on
+    `visitor-events`). Then, in ClickHouse, replaces the customer id, those
+    visitor ids and their session ids (attributed_orders, clicks) and mentions
+    of the customer id (abuse_flags.detail, reviews.note) by tombstones,
+    `forgotten:` + keyed hash, and waits for the mutations. Every run writes
+    one row to `privacy_audit`, with the keyed hash of the id, never the id.
+
+    Kept: amounts, dates, affiliates, codes, commission_facts. Not erased: the
+    input topics, which hold raw events until Kafka's retention removes them
+    (README, "Personal data").
+
+    Needs PII_KEY or PII_KEY_FILE. Exits 0 when done, when run again and for
+    an unknown customer; 1 if the broker did not acknowledge a forget record
+    (then nothing was erased), the mutations did not finish within --timeout
+    or rows still carry the identifiers; 2 on a usage or configuration error.
+    """
+    from sinks.clickhouse import connect
+    from sinks.forget import AUDIT_TABLE, ForgetError, forget_customer
+    from streams.forget import publish_forget
+    from streams.topics import ensure_topics
+
+    customer_id = customer.strip()  # as validation stores it
+    if not customer_id:
+        raise fail("--customer must not be empty", 2)
+    config = load_config()
+    key = config.pii_key
+    if key is None:
+        raise fail("forget needs PII_KEY or PII_KEY_FILE: its tombstones and audit row are keyed "
+                   "hashes", 2)
+    who = (requested_by or _os_user()).strip() or "unknown"
+
+    def forget_state(visitor_ids: tuple[str, ...]) -> int:
+        ensure_topics(config, progress=lambda line: console.print(line))
+        return publish_forget(config, visitor_ids)
+
+    client = connect(config.clickhouse)
+
+    def execute(sql: str, rows: list[tuple[object, ...]] | None = None) -> list[tuple[object, ...]]:
+        return client.execute(sql, rows) if rows is not None else client.execute(sql)  # type: ignore[no-any-return]
+
+    try:
+        outcome = forget_customer(execute, config.clickhouse.database, customer_id, key,
+                                  requested_by=who, forget_state=forget_state, timeout=timeout,
+                                  progress=lambda line: console.print(line))
+    except ForgetError as exc:
+        raise fail(f"{exc} (recorded in {AUDIT_TABLE}; run forget again to finish)") from exc
+    except Exception as exc:  # connection refused, auth...: one line, not a traceback
+        raise fail(f"forget against {config.clickhouse!r} failed: {exc}") from exc
+    finally:
+        client.disconnect()
+    # The id itself is not printed (terminal logs are stored too): the subject's keyed hash is.
+    subject = f"customer {outcome.subject_hash}"
+    if outcome.remaining:
+        left = ", ".join(f"{table} {n}" for table, n in sorted(outcome.remaining.items()))
+        raise fail(f"{subject}: rows written while the erasure ran still carry its identifiers "
+                   f"({left}); run forget again")
+    if outcome.outcome == "nothing_found":
+        typer.echo(f"{subject}: nothing found, nothing to erase (audit row written)")
+    elif outcome.outcome == "already_forgotten":
+        typer.echo(f"{subject}: already forgotten, nothing left to change (audit row written)")
+    else:
+        changed = ", ".join(f"{table} {n}" for table, n in sorted(outcome.rows.items())) or "none"
+        typer.echo(f"{subject}: forgot {outcome.orders} orders and {outcome.visitors} visitors; "
+                   f"rows changed: {changed}; {outcome.state_records} forget records on "
+                   f"{config.topic('visitor-events')}; audit row written to {AUDIT_TABLE}")
+
+
+def _os_user() -> str:
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"uid {os.getuid()}"
+
+
 # --- demo ----------------------------------------------------------------------------------
 
 
