@@ -98,19 +98,45 @@ def stack_status() -> None:
 
 
 @db_app.command("migrate")
-def db_migrate() -> None:
-    """Create the database and apply pending schema migrations. Idempotent."""
-    from sinks.migrate import migrate_server
+def db_migrate(
+    print_roles: bool = typer.Option(
+        False, "--print-roles",
+        help="Only print the SQL of the roles (ClickHouse 20.x and later); connects to nothing."),
+    print_users_xml: bool = typer.Option(
+        False, "--print-users-xml",
+        help="Only print the same rights as a users.xml snippet, for ClickHouse without SQL access"
+             " control (18.16); connects to nothing."),
+) -> None:
+    """Create the database, apply pending schema migrations and create the roles <db>_writer
+    (INSERT and SELECT on the database: the worker) and <db>_reader (SELECT: BI). Idempotent.
+
+    Run it as an administrator: the worker and BI users need neither DDL nor access management.
+
+    Without SQL access control (18.16), or the right to create roles, it prints them to apply.
+    """
+    from sinks.migrate import ensure_roles_server, migrate_server, roles_sql, roles_users_xml
 
     config = load_config()
+    database = config.clickhouse.database
+    if print_roles and print_users_xml:
+        raise fail("--print-roles and --print-users-xml print different things: choose one", 2)
+    if print_roles or print_users_xml:
+        typer.echo(roles_sql(database) if print_roles else roles_users_xml(database), nl=False)
+        return
     try:
         applied = migrate_server(config.clickhouse, progress=lambda line: console.print(line))
+        roles = ensure_roles_server(config.clickhouse)
     except Exception as exc:  # connection refused, auth...: one line, not a traceback
         raise fail(f"migration against {config.clickhouse!r} failed: {exc}") from exc
     if applied:
-        typer.echo(f"applied {len(applied)} migration(s) to {config.clickhouse.database}")
+        typer.echo(f"applied {len(applied)} migration(s) to {database}")
     else:
-        typer.echo(f"{config.clickhouse.database} is up to date")
+        typer.echo(f"{database} is up to date")
+    if roles.created:
+        typer.echo(f"roles {', '.join(roles.created)} hold their rights on {database}")
+    else:
+        console.print(f"[yellow]roles not created:[/] {roles.reason}; apply this by hand:")
+        typer.echo(roles.by_hand, nl=False)
 
 
 # --- reference data and events -------------------------------------------------------------
