@@ -22,7 +22,7 @@ import pytest
 from kafka import TopicPartition
 
 from schemas.pii import keyed_hash
-from sinks.forget import AUDIT_TABLE, ForgetError, forget_customer, tombstone
+from sinks.forget import AUDIT_TABLE, ForgetError, forget_customer, mention_pattern, tombstone
 from sinks.migrate import migrate
 
 KEY = "forget-test-key-0123456789abcdef"
@@ -183,6 +183,12 @@ def test_forget_replaces_identifiers_keeps_money_and_is_idempotent(clickhouse):
     assert execute(f"SELECT note FROM {db}.reviews") == [(f"{gone} confirmed it, {gone}!",)]
     assert execute(money) == money_before
     assert execute(facts) == facts_before
+    # ClickHouse keeps mutation commands on disk: none names the customer, a visitor or a session.
+    commands = repr(execute(f"SELECT command FROM system.mutations WHERE database = '{db}'"))
+    assert gone in commands
+    assert not mention_pattern("cust-1").search(commands)  # cust-10's flag text is there
+    for identifier in ("'v1'", "'v2'", "'s1'", "'s1b'", "'s2'"):
+        assert identifier not in commands
 
     again = forget_customer(execute, db, "cust-1", key, requested_by="dpo",
                             forget_state=forget_state, timeout=60)
