@@ -3,10 +3,12 @@ tests pass), and the dashboard and alerts only query metrics that sinks/metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import subprocess
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +101,7 @@ def test_compose_and_k8s_settings_are_accepted_by_the_worker_config() -> None:
 
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
     configmap = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())
-    default = re.compile(r"\$\{\w+:-([^}]*)\}")  # compose's ${VAR:-default}
-    compose_env = {k: default.sub(r"\1", str(v)) for k, v in compose["x-attribution"]["environment"].items()}
+    compose_env = compose_environment(compose["x-attribution"]["environment"])
     assert compose["services"]["worker"]["environment"] == compose["x-attribution"]["environment"]
     # More than one worker: the group shares the partitions (README, "Scaling out").
     assert compose["services"]["worker"]["deploy"]["replicas"] >= 2
@@ -109,6 +110,85 @@ def test_compose_and_k8s_settings_are_accepted_by_the_worker_config() -> None:
         config = Config(**env)
         assert config.metrics_port == 9102
         assert str(config.state_dir) == "/var/lib/attribution"
+
+
+def compose_environment(environment: dict[str, Any]) -> dict[str, str]:
+    """Compose's `${VAR:-default}` as its default and `${VAR:?message}` (required) as a value."""
+    interpolation = re.compile(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)\}")
+    return {key: interpolation.sub(lambda m: m[2] if m[2] is not None else f"set-{m[1].lower()}",
+                                   str(value))
+            for key, value in environment.items()}
+
+
+def test_no_password_has_a_default_anywhere_in_deploy() -> None:
+    """Every password is required: compose's `${VAR:?...}`, a compose secret or a k8s Secret."""
+    compose_text = (DEPLOY / "compose" / "docker-compose.yml").read_text()
+    variables = re.findall(r"\$\{(\w+)(:-|:\?|-|\?)?", compose_text)
+    secret_variables = {name for name, _ in variables if "PASSWORD" in name}
+    assert secret_variables >= {"CLICKHOUSE_ADMIN_PASSWORD", "CLICKHOUSE_WORKER_PASSWORD",
+                                "CLICKHOUSE_BI_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    assert all(op == ":?" for name, op in variables if "PASSWORD" in name), variables
+    compose = yaml.safe_load(compose_text)
+    for service in compose["services"].values():
+        for key, value in (service.get("environment") or {}).items():
+            if "PASSWORD" in key and not key.endswith("__FILE"):
+                assert str(value).startswith("${") and ":?" in str(value), (key, value)
+    for path in (DEPLOY / "k8s").glob("*.yaml"):
+        for document in yaml.safe_load_all(path.read_text()):
+            assert document.get("kind") != "Secret", f"{path.name} commits a Secret"
+            assert "password" not in json.dumps(document.get("data", {})).lower(), path.name
+
+
+def test_each_process_reaches_clickhouse_as_a_user_with_only_what_it_needs() -> None:
+    from schemas.config import Config
+
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    users = {}
+    for name in ("migrate", "worker", "report"):
+        env: dict[str, Any] = compose_environment(compose["services"][name]["environment"])
+        users[name] = Config(**env).clickhouse.user
+    assert users == {"migrate": "attribution_admin", "worker": "attribution_worker",
+                     "report": "attribution_bi"}
+    clickhouse = compose["services"]["clickhouse"]
+    assert not any(key.startswith("CLICKHOUSE_") for key in clickhouse.get("environment") or {})
+    assert set(clickhouse["secrets"]) == {f"clickhouse_{u}_password" for u in ("admin", "worker", "bi")}
+    secrets = {}
+    for name in ("statefulset", "migrate-job"):
+        manifest = yaml.safe_load((DEPLOY / "k8s" / f"{name}.yaml").read_text())
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        (url,) = [e for e in container["env"] if e["name"] == "CLICKHOUSE_URL"]
+        secrets[name] = url["valueFrom"]["secretKeyRef"]["name"]
+    assert secrets == {"statefulset": "attribution-clickhouse-worker",
+                       "migrate-job": "attribution-clickhouse-admin"}
+
+
+def test_the_compose_clickhouse_users_remove_default_and_hold_least_privilege(tmp_path: Path) -> None:
+    """deploy/compose/clickhouse-users.sh, run with its paths moved under tmp_path."""
+    passwords = {"admin": "a-admin-pw", "worker": "w-worker-pw", "bi": "b-bi-pw"}
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "users.d").mkdir()
+    for user, password in passwords.items():
+        (tmp_path / "secrets" / f"clickhouse_{user}_password").write_text(password + "\n")
+    script = (DEPLOY / "compose" / "clickhouse-users.sh").read_text()
+    assert 'exec /entrypoint.sh "$@"' in script
+    moved = (script.replace("/run/secrets/", f"{tmp_path}/secrets/")
+             .replace("/etc/clickhouse-server/users.d/", f"{tmp_path}/users.d/")
+             .replace('exec /entrypoint.sh "$@"', "exit 0"))
+    done = subprocess.run(["bash", "-c", moved], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    users = ElementTree.parse(tmp_path / "users.d" / "zz-attribution-users.xml").getroot().find("users")
+    assert users is not None and users.find("default").get("remove") == "remove"  # type: ignore[union-attr]
+    for user, password in passwords.items():
+        entry = users.find(f"attribution_{user}")
+        assert entry is not None
+        assert entry.findtext("password_sha256_hex") == hashlib.sha256(password.encode()).hexdigest()
+        assert entry.findtext("access_management", "0") == ("1" if user == "admin" else "0")
+    assert users.findtext("attribution_worker/grants/query") == "GRANT SELECT, INSERT ON attribution.*"
+    assert users.findtext("attribution_bi/grants/query") == "GRANT SELECT ON attribution.*"
+    assert users.findtext("attribution_bi/profile") == "attribution_readonly"
+    (tmp_path / "secrets" / "clickhouse_bi_password").write_text("")
+    refused = subprocess.run(["bash", "-c", moved], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "clickhouse_bi_password is missing or empty" in refused.stderr
 
 
 def test_prometheus_accepts_the_config_and_its_rule_files(promtool: str) -> None:
