@@ -413,7 +413,7 @@ def forget(
     or rows still carry the identifiers; 2 on a usage or configuration error.
     """
     from sinks.clickhouse import connect
-    from sinks.forget import AUDIT_TABLE, ForgetError, forget_customer
+    from sinks.forget import AUDIT_TABLE, ForgetError, SchemaMissing, forget_customer
     from streams.forget import publish_forget
     from streams.topics import ensure_topics
 
@@ -440,10 +440,13 @@ def forget(
         outcome = forget_customer(execute, config.clickhouse.database, customer_id, key,
                                   requested_by=who, forget_state=forget_state, timeout=timeout,
                                   progress=lambda line: console.print(line))
+    except SchemaMissing as exc:
+        raise fail(str(exc)) from exc
     except ForgetError as exc:
         raise fail(f"{exc} (recorded in {AUDIT_TABLE}; run forget again to finish)") from exc
     except Exception as exc:  # connection refused, auth...: one line, not a traceback
-        raise fail(f"forget against {config.clickhouse!r} failed: {exc}") from exc
+        reason = " ".join(str(exc).split("Stack trace:")[0].split())  # 18.16 appends the server's
+        raise fail(f"forget against {config.clickhouse!r} failed: {reason}") from exc
     finally:
         client.disconnect()
     # The id itself is not printed (terminal logs are stored too): the subject's keyed hash is.

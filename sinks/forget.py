@@ -77,6 +77,10 @@ class MutationsPending(ForgetError):
     """The mutations did not finish in time. They go on in the background."""
 
 
+class SchemaMissing(ForgetError):
+    """The database lacks the tables `forget` needs (nothing was done, nor audited)."""
+
+
 def tombstone(identifier: str, key: bytes) -> str:
     """What replaces an identifier: `forgotten:h1:<HMAC-SHA256 of it under PII_KEY>`."""
     return TOMBSTONE_PREFIX + keyed_hash(identifier, key)
@@ -431,8 +435,9 @@ def forget_customer(
     timeout: float,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Outcome:
-    """Find, tell the worker, erase, check, audit. Raises `ForgetError` (after the audit row)
-    when the worker's state could not be told or the mutations did not finish.
+    """Find, tell the worker, erase, check, audit. Raises `SchemaMissing` before anything, and
+    `ForgetError` (after the audit row) when the worker's state could not be told or the
+    mutations did not finish.
 
     `forget_state(visitor_ids)` publishes the forget records and returns how many the broker did
     not acknowledge. It runs before anything in ClickHouse changes: should it fail, the visitor
@@ -440,7 +445,7 @@ def forget_customer(
     """
     tables = existing_tables(execute, database)
     if AUDIT_TABLE not in tables or "attributed_orders" not in tables:
-        raise ForgetError(f"{database} has no {AUDIT_TABLE} table: run `attribution db migrate`")
+        raise SchemaMissing(f"{database} has no {AUDIT_TABLE} table: run `attribution db migrate`")
     outcome = Outcome(subject_hash=keyed_hash(customer_id, key))
     subject = find_subject(execute, database, customer_id, tables)
     outcome.orders, outcome.visitors = len(subject.own_orders), len(subject.visitor_ids)
