@@ -58,16 +58,70 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 # --- stack ---------------------------------------------------------------------------------
 
 
+PRINCIPALS = ("admin", "worker", "producer", "reviewer")
+
+
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    secure: bool = typer.Option(
+        False, "--secure",
+        help="The broker also listens with SASL_SSL on 127.0.0.1:9093 (its own CA under the "
+             "stack directory), with SCRAM users admin, worker, producer, reviewer and their "
+             "ACLs. Decided when the broker starts: a running broker without it is not restarted."),
+    topic_prefix: str = typer.Option(
+        "", "--topic-prefix", envvar="TOPIC_PREFIX", show_default=False,
+        help="With --secure: grant the ACLs on this prefix's topics (run again for another)."),
+) -> None:
     """Install (if needed) and start Kafka and ClickHouse; waits until both answer. Idempotent."""
     from deploy.stack import Stack, StackError
+    from schemas.config import check_topic_prefix
 
     try:
-        status = Stack().up(progress=lambda line: console.print(line))
+        check_topic_prefix(topic_prefix)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from exc
+    try:
+        status = Stack().up(progress=lambda line: console.print(line), secure=secure,
+                            topic_prefix=topic_prefix)
     except StackError as exc:
         raise fail(str(exc)) from exc
     typer.echo(status.render())
+    if secure:
+        console.print('point a shell at it: eval "$(attribution stack env --principal worker)"')
+
+
+@stack_app.command("env")
+def stack_env(
+    secure: bool = typer.Option(False, "--secure", help="Over the SASL_SSL listener (as admin "
+                                                        "unless --principal says otherwise)."),
+    principal: Optional[str] = typer.Option(
+        None, "--principal", metavar="|".join(PRINCIPALS),
+        help="Connect as this principal over the SASL_SSL listener (implies --secure)."),
+) -> None:
+    """Print `export NAME=value` lines that point a shell at the local stack:
+    eval "$(attribution stack env --principal producer)".
+
+    The password is never printed: KAFKA_SASL_PASSWORD_FILE names the file that holds it.
+    Settings the chosen connection does not use are exported empty (empty means unset).
+    """
+    import shlex
+
+    from deploy.stack import Stack, StackError
+
+    if principal is not None and principal not in PRINCIPALS:
+        raise fail(f"--principal must be one of {', '.join(PRINCIPALS)}", 2)
+    if secure or principal is not None:
+        principal = principal or "admin"
+    try:
+        settings = Stack().client_env(principal)
+    except StackError as exc:
+        raise fail(str(exc)) from exc
+    unused = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+              "KAFKA_SASL_PASSWORD_FILE", "KAFKA_SSL_CAFILE")
+    for name in unused:
+        settings.setdefault(name, "")
+    for name, value in settings.items():
+        typer.echo(f"export {name}={shlex.quote(value)}")
 
 
 @stack_app.command("down")

@@ -4,8 +4,8 @@ download site but the package registries.
 
 Everything lives under one home directory (`<stack root>/kafka`): `libs/` (jars, fetched once),
 `data/` (formatted once), `cluster.id`, `server.properties` (rewritten before every start),
-`kafka.log` and `kafka.pid`. It never touches a broker it did not start, and deletes data only
-when asked to purge.
+`kafka.log`, `kafka.pid` and, once started secured, `security/` (deploy/kafka_security.py). It
+never touches a broker it did not start, and deletes data only when asked to purge.
 """
 
 from __future__ import annotations
@@ -16,12 +16,20 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kafka import KafkaAdminClient
 
 from deploy.errors import StackError
+from deploy.kafka_security import (
+    PRINCIPALS,
+    SCRAM_MECHANISM,
+    SECURE_LISTENER,
+    SUPER_USER,
+    KafkaSecurity,
+    redact,
+)
 from deploy.processes import ManagedProcess, is_listening, last_error_line
 
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
@@ -39,11 +47,15 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class KafkaBroker:
-    def __init__(self, home: Path, host: str, port: int, controller_port: int) -> None:
+    def __init__(
+        self, home: Path, host: str, port: int, controller_port: int, secure_port: int
+    ) -> None:
         self.home = home
         self.host = host
         self.port = port
         self.controller_port = controller_port
+        self.secure_port = secure_port
+        self.security = KafkaSecurity(home, host)
         self.libs_dir = home / "libs"
         self.data_dir = home / "data"
         self.cluster_id_file = home / "cluster.id"
@@ -64,8 +76,17 @@ class KafkaBroker:
         return f"{self.host}:{self.port}"
 
     @property
+    def secure_bootstrap(self) -> str:
+        return f"{self.host}:{self.secure_port}"
+
+    @property
     def ports(self) -> tuple[int, int]:
         return (self.port, self.controller_port)
+
+    @property
+    def secured(self) -> bool:
+        """Whether the last start (or the coming one, once prepared) has the SASL_SSL listener."""
+        return f"{SECURE_LISTENER}://" in (_read_text(self.properties_file) or "")
 
     def version(self) -> str | None:
         """The broker version, read from the name of the fetched kafka_2.13 jar."""
@@ -76,12 +97,15 @@ class KafkaBroker:
                 return match["version"]
         return None
 
-    def prepare(self, progress: Callable[[str], None]) -> None:
-        """Everything a first start needs, each step done once: jars, config, formatted storage."""
+    def prepare(self, progress: Callable[[str], None], secure: bool = False) -> None:
+        """Everything a start needs, each step done once: jars, the secured listener's
+        certificate and passwords, config (for this start), formatted storage."""
         java = _java_17()
         self._fetch_jars(progress)
-        self._write_properties()
-        self._format_storage(java, progress)
+        if secure:
+            self.security.ensure_material(progress)
+        self._write_properties(secure)
+        self._format_storage(java, progress, secure)
 
     def start(self) -> int:
         java = _java_17()
@@ -115,13 +139,40 @@ class KafkaBroker:
         if not any(not broker.get("is_fenced", False) for broker in brokers):
             raise RuntimeError("broker answers but is not unfenced yet")
 
+    def plaintext_admin(self) -> KafkaAdminClient:
+        """An admin client on the plaintext listener, whose principal is a super user."""
+        return KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="attribution-stack",
+                                request_timeout_ms=10_000)
+
+    def probe_secure(self) -> None:
+        """Raises unless `admin` can log in on the SASL_SSL listener and list the brokers."""
+        if not is_listening(self.host, self.secure_port):
+            raise ConnectionRefusedError(f"nothing listens on {self.secure_bootstrap}")
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.secure_bootstrap,
+            client_id="attribution-stack-probe",
+            request_timeout_ms=5000,
+            bootstrap_timeout_ms=5000,
+            security_protocol=SECURE_LISTENER,
+            ssl_cafile=str(self.security.ca_file),
+            sasl_mechanism=SCRAM_MECHANISM,
+            sasl_plain_username=SUPER_USER,
+            sasl_plain_password=self.security.password(SUPER_USER),
+        )
+        try:
+            admin.describe_cluster()
+        finally:
+            admin.close()
+
     def last_error(self) -> str | None:
         return last_error_line(self.log_path)
 
     def purge(self) -> None:
-        """Delete the topic data and the cluster id; keep the jars (re-fetching them is slow)."""
+        """Delete the topic data, the cluster id and the secured listener's certificate and
+        passwords (made anew by the next `up --secure`); keep the jars (re-fetching is slow)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.cluster_id_file.unlink(missing_ok=True)
+        self.security.purge()
 
     def _classpath(self) -> str:
         return f"{self.libs_dir}/*"  # the JVM expands the wildcard itself; no shell involved
@@ -154,19 +205,27 @@ class KafkaBroker:
         staging.rename(self.libs_dir)
         self._fetched_marker.write_text(pom_hash)
 
-    def _write_properties(self) -> None:
+    def _write_properties(self, secure: bool) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         voters = f"1@{self.host}:{self.controller_port}"
+        listeners = {"PLAINTEXT": self.port, "CONTROLLER": self.controller_port}
+        if secure:
+            listeners[SECURE_LISTENER] = self.secure_port
+        advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
         lines = [
             "# Generated by deploy/kafka_broker.py before every start; edits here are overwritten.",
             "process.roles=broker,controller",
             "node.id=1",
-            # A static voter set: format without --standalone, and ports may change between runs.
+            # A static voter set: format without --standalone, and ports may change between runs
+            # (the formatted storage keeps voter ids only, never their addresses).
             f"controller.quorum.voters={voters}",
-            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+            "listeners=" + ",".join(f"{n}://{self.host}:{p}" for n, p in listeners.items()),
+            "advertised.listeners=" + ",".join(
+                f"{n}://{self.host}:{p}" for n, p in advertised.items()),
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=" + ",".join(
+                f"{n}:{'PLAINTEXT' if n == 'CONTROLLER' else n}" for n in listeners),
             f"log.dirs={self.data_dir}",
             # Matches ATTRIBUTION_PARTITIONS' default, for topics created without an explicit count.
             "num.partitions=8",
@@ -183,18 +242,24 @@ class KafkaBroker:
             # is how a dev box gets its disk back.
             "log.retention.ms=-1",
         ]
+        if secure:
+            lines += self.security.broker_properties()
         self.properties_file.write_text("\n".join(lines) + "\n")
 
-    def _format_storage(self, java: str, progress: Callable[[str], None]) -> None:
+    def _format_storage(self, java: str, progress: Callable[[str], None], secure: bool) -> None:
         if (self.data_dir / "meta.properties").exists():
-            return
+            return  # a secured start of older storage adds the SCRAM users over the admin API
         cluster_id = self._cluster_id()
         progress(f"kafka: formatting storage in {self.data_dir} (cluster id {cluster_id})")
         command = [
             java, "-cp", self._classpath(), "kafka.tools.StorageTool", "format",
             "-t", cluster_id, "-c", str(self.properties_file),
         ]  # fmt: skip
-        _run(command, cwd=self.home, timeout=_FORMAT_TIMEOUT_SECONDS, what="Kafka storage format")
+        if secure:
+            progress(f"kafka: adding the SCRAM users {', '.join(PRINCIPALS)}")
+            command += self.security.scram_format_arguments()
+        _run(command, cwd=self.home, timeout=_FORMAT_TIMEOUT_SECONDS, what="Kafka storage format",
+             hidden=self.security.passwords() if secure else ())
 
     def _cluster_id(self) -> str:
         """The stored cluster id, or a new one in Kafka's format (22 chars of url-safe base64)."""
@@ -224,17 +289,21 @@ def _java_17() -> str:
     return java
 
 
-def _run(command: list[str], cwd: Path, timeout: float, what: str) -> str:
-    """Run a set-up command to completion; any failure becomes a one-line StackError."""
+def _run(
+    command: list[str], cwd: Path, timeout: float, what: str, hidden: Iterable[str] = ()
+) -> str:
+    """Run a set-up command to completion; any failure becomes a one-line StackError, with the
+    `hidden` strings (passwords in its arguments) masked."""
     try:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise StackError(
-            f"{what} did not finish within {timeout:.0f} s: {' '.join(command)}"
-        ) from None
+        raise StackError(redact(
+            f"{what} did not finish within {timeout:.0f} s: {' '.join(command)}", hidden
+        )) from None
     output = _ANSI_ESCAPE.sub("", result.stdout + result.stderr)
     if result.returncode != 0:
-        raise StackError(f"{what} failed (exit {result.returncode}): {_cause_line(output)}")
+        raise StackError(redact(
+            f"{what} failed (exit {result.returncode}): {_cause_line(output)}", hidden))
     return output
 
 

@@ -149,11 +149,14 @@ class Config(BaseSettings):
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod
-    def _upper_case(cls, value: object) -> object:
+    def _upper_case(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not value.strip():  # empty means unset: the default
+            assert info.field_name is not None
+            return cls.model_fields[info.field_name].default
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("kafka_sasl_username", "kafka_sasl_password_file", "kafka_ssl_cafile",
-                     mode="before")
+    @field_validator("kafka_sasl_username", "kafka_sasl_password", "kafka_sasl_password_file",
+                     "kafka_ssl_cafile", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 COMMANDS = [[], ["stack"], ["db"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
             ["db", "migrate"], ["load-reference"], ["produce"], ["worker"], ["report"], ["demo"],
-            ["codes"], ["review"]]
+            ["codes"], ["review"], ["stack", "env"]]
 
 
 def attribution(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -139,3 +139,32 @@ def test_commands_exit_non_zero_naming_the_count_when_the_broker_does_not_acknow
         assert "not acknowledged by the broker" in message
         assert "published" not in stdout, name  # it never claims what did not happen
     assert time.monotonic() - started < 60  # a missing topic costs max_block_ms (10 s), not 60 s
+
+
+def test_stack_env_points_a_shell_at_the_plaintext_listener_and_clears_the_secured_settings(
+    tmp_path,
+):
+    import os
+    import shlex
+
+    env = dict(os.environ, ATTRIBUTION_STACK_DIR=str(tmp_path))
+    printed = subprocess.run([sys.executable, "-m", "attribution", "stack", "env"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    exports = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)
+                   for line in printed.stdout.splitlines())
+    assert exports["KAFKA_BOOTSTRAP"] == "127.0.0.1:9092"
+    assert exports["KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
+    assert exports["CLICKHOUSE_URL"].startswith("clickhouse://default@127.0.0.1:9000/")
+    assert all(exports[name] == "" for name in ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                                                 "KAFKA_SASL_PASSWORD_FILE", "KAFKA_SSL_CAFILE"))
+
+    unsecured = subprocess.run([sys.executable, "-m", "attribution", "stack", "env",
+                                "--principal", "worker"], env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert unsecured.returncode == 1
+    assert "stack up --secure" in unsecured.stderr.replace("\n", "")
+    unknown = subprocess.run([sys.executable, "-m", "attribution", "stack", "env",
+                              "--principal", "root"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert unknown.returncode == 2

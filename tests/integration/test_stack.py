@@ -26,6 +26,7 @@ from deploy.stack import (
     KAFKA_PORT,
     LOOPBACK,
     Stack,
+    StackError,
     default_stack_root,
 )
 
@@ -104,6 +105,20 @@ def test_the_broker_is_a_java_process_running_kafka_main(stack: Stack) -> None:
 
     assert broker_pid is not None and broker_pid in brokers
     assert Path(brokers[broker_pid][0]).name == "java"
+
+
+def test_up_secure_does_not_restart_a_broker_running_without_its_secured_listener(
+    stack: Stack,
+) -> None:
+    if stack.kafka.secured:
+        pytest.skip("this stack's broker was started secured")
+    before = stack.status().kafka.pid
+
+    with pytest.raises(StackError, match="stack down"):
+        stack.up(secure=True)
+
+    assert stack.status().kafka.pid == before
+    assert stack.status().kafka.secure_address is None
 
 
 def test_killed_broker_comes_back_with_start_kafka(under_test: StackUnderTest) -> None:

@@ -109,7 +109,14 @@ def test_a_missing_ca_file_is_refused_naming_the_variable(tmp_path: Path) -> Non
 
 
 def test_an_empty_variable_counts_as_unset() -> None:
-    assert config(KAFKA_SSL_CAFILE="", KAFKA_SASL_USERNAME="").kafka_ssl_cafile is None
+    """`attribution stack env` exports the settings a connection does not use empty."""
+    settings = config(KAFKA_SECURITY_PROTOCOL="", KAFKA_SASL_MECHANISM="", KAFKA_SSL_CAFILE="",
+                      KAFKA_SASL_USERNAME="", KAFKA_SASL_PASSWORD="", KAFKA_SASL_PASSWORD_FILE="")
+
+    assert settings.kafka_security_protocol == "PLAINTEXT"
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.kafka_sasl_username is None and settings.kafka_sasl_password is None
+    assert settings.kafka_sasl_password_file is None and settings.kafka_ssl_cafile is None
 
 
 def test_the_password_never_appears_in_repr_or_str(tmp_path: Path) -> None:

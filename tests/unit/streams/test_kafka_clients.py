@@ -41,7 +41,7 @@ def cafile(tmp_path: Path) -> Path:
 
 
 def config(**env: str) -> Config:
-    return Config(KAFKA_BOOTSTRAP="h1:9093, h2:9093", **env)  # type: ignore[arg-type]
+    return Config(KAFKA_BOOTSTRAP="h1:9093, h2:9093", **env)  # type: ignore[call-arg, arg-type]
 
 
 def sasl_ssl(cafile: Path) -> Config:
