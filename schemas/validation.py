@@ -291,6 +291,17 @@ def _optional_id(obj: Mapping[str, object], key: str) -> str:
     return text
 
 
+def _personal_str(obj: Mapping[str, object], key: str) -> str:
+    """An optional `ip` or `user_agent`: its value never appears in an error (dead-letter
+    headers are beyond the input topics, where personal data is only kept hashed)."""
+    value = obj.get(key)
+    if type(value) is str:
+        return value.strip()
+    if value is None:
+        return ""
+    raise InvalidEvent("wrong_type", f"field {key!r} must be a string, got {_json_type(value)}")
+
+
 def _optional_str(obj: Mapping[str, object], key: str, prefix: str = "") -> str:
     value = obj.get(key)
     if type(value) is str:
@@ -414,8 +425,8 @@ def _click(obj: Mapping[str, object], event_id: str, ts: datetime) -> Click:
         share_id=_optional_id(obj, "share_id"),
         landing_url=_optional_str(obj, "landing_url"),
         referrer=_optional_str(obj, "referrer"),
-        ip=_optional_str(obj, "ip"),
-        user_agent=_optional_str(obj, "user_agent"),
+        ip=_personal_str(obj, "ip"),
+        user_agent=_personal_str(obj, "user_agent"),
     )
 
 
@@ -442,8 +453,8 @@ def _order(obj: Mapping[str, object], event_id: str, ts: datetime) -> Order:
         session_id=_optional_str(obj, "session_id"),
         discount_code=_optional_id(obj, "discount_code"),
         referrer=_optional_str(obj, "referrer"),
-        ip=_optional_str(obj, "ip"),
-        user_agent=_optional_str(obj, "user_agent"),
+        ip=_personal_str(obj, "ip"),
+        user_agent=_personal_str(obj, "user_agent"),
         items=_items(obj),
         discount_amount=_optional_decimal(obj, "discount_amount"),
     )

@@ -303,7 +303,7 @@ class Engine:
                 if indexed:
                     log.info("ledger partition %d: %d pending orders indexed for approval", p, indexed)
                 self.partitions[p] = PartitionState(p, mine, CodeStage(
-                    Staged(mine[CODES]), getattr(self.config, "pii_key", None) or b""))
+                    Staged(mine[CODES]), self._pii_key or b""))
         # Tests and operators read this line: partition p of every topic is this worker's.
         log.info("assignment: partitions %s of every topic (%d restored)",
                  sorted(self.partitions), len(new))

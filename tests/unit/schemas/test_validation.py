@@ -1034,3 +1034,10 @@ def test_an_id_longer_than_256_characters_is_out_of_range(field: str) -> None:
     with pytest.raises(InvalidEvent) as caught:
         decode_event(orjson.dumps(BASE["click"] | {field: "x" * 257}))
     assert caught.value.reason == "out_of_range"
+
+
+@pytest.mark.parametrize("field", ["ip", "user_agent"])
+def test_a_wrong_typed_personal_field_is_not_repeated_in_the_error(field: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(orjson.dumps(BASE["click"] | {field: 3405803783}))
+    assert caught.value.reason == "wrong_type" and "3405803783" not in caught.value.detail
