@@ -30,6 +30,7 @@ This module must never import Kafka or ClickHouse, nor do any I/O.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -114,6 +115,7 @@ Reason = Literal[
     "out_of_range",
     "bad_currency",
     "ts_in_future",
+    "too_deep",
     # Decided by the worker beyond a single event's shape (contract v2 §5, §6), or its own
     # safety limits (README, Failure modes).
     "currency_mismatch",
@@ -607,7 +609,13 @@ def decode_record(
     append = decoded.append
     dumps = orjson.dumps
     for index, element in enumerate(value):
-        element_raw = dumps(element)
+        try:
+            element_raw = dumps(element)
+        except orjson.JSONEncodeError:
+            # orjson reads 1,024 levels of nesting but writes 255: such an element is no event.
+            append(Decoded(index, _too_deep_raw(element), None, InvalidEvent(
+                "too_deep", "the element is nested more than 255 levels deep")))
+            continue
         try:
             if len(element_raw) > MAX_EVENT_BYTES:
                 raise _too_large("event", len(element_raw))
@@ -620,6 +628,15 @@ def decode_record(
         except InvalidEvent as exc:
             append(Decoded(index, element_raw, None, exc))
     return decoded
+
+
+def _too_deep_raw(element: object) -> bytes:
+    """What a dead letter keeps of an element orjson cannot write: the standard library's JSON
+    when it can (it writes up to Python's recursion limit), else a marker."""
+    try:
+        return json.dumps(element, separators=(",", ":")).encode()
+    except (RecursionError, ValueError, TypeError):
+        return b'"<an element nested too deep to write>"'
 
 
 def decode_review(raw: bytes, *, not_after: datetime | None = None) -> Review:

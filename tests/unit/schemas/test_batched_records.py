@@ -240,3 +240,13 @@ def test_random_bytes_never_raise_and_every_rejection_has_a_reason(raw: bytes) -
     for decoded in decode_record(raw, "click"):
         if decoded.error is not None:
             assert decoded.error.reason in REASONS
+
+
+def test_an_element_nested_deeper_than_orjson_writes_is_rejected_alone() -> None:
+    click = b'{"event_id":"c-1","type":"click","ts":"2026-11-02T10:15:00Z","visitor_id":"v",' \
+            b'"session_id":"s","affiliate_id":"a"}'
+    raw = b"[" + click + b"," + b"[" * 300 + b"]" * 300 + b"]"
+    decoded = decode_record(raw, "click")
+    assert decoded[0].error is None
+    assert decoded[1].error is not None and decoded[1].error.reason == "too_deep"
+    assert decoded[1].raw.startswith(b"[[[")
