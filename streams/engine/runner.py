@@ -389,14 +389,14 @@ class Engine:
                         self._click(event, tp.partition, record, visitors, ref, effects)
         for tp, records in by_kind[VISITOR]:
             for record in records:
-                for index, item in self._internal_items(record, tp, effects):
+                for index, item, raw in self._internal_items(record, tp, effects):
                     if item.get("type") == FORGET_TYPE:
-                        self._forget(item, tp, record, index, visitors, effects)
+                        self._forget(item, raw, tp, record, index, visitors, effects)
                         continue
                     try:
-                        event = decode_event(orjson.dumps(item), not_after=self._not_after)
+                        event = decode_event(raw, not_after=self._not_after)
                     except InvalidEvent as exc:
-                        self._dead_letter(record, tp, exc, index, orjson.dumps(item), effects)
+                        self._dead_letter(record, tp, exc, index, raw, effects)
                         continue
                     if isinstance(event, Click):
                         self._click(event, tp.partition, record, visitors, ref, effects)
@@ -431,11 +431,11 @@ class Engine:
         for tp, records in by_kind[CODE]:
             code_stage = owned[tp.partition].code_stage
             for record in records:
-                for index, item in self._internal_items(record, tp, effects):
+                for index, item, raw in self._internal_items(record, tp, effects):
                     try:
                         code_stage.receive(item, record.offset, record.timestamp)
                     except _MALFORMED as exc:
-                        self._malformed(record, tp, index, item, exc, effects)
+                        self._malformed(record, tp, index, raw, exc, effects)
         for state in owned.values():
             state.code_stage.decide_ready(ref, effects)
             state.code_stage.finish(ref)
@@ -461,16 +461,16 @@ class Engine:
                                                   (tp.topic, tp.partition, record.offset))
         for tp, records in by_kind[LEDGER]:
             for record in records:
-                for index, item in self._internal_items(record, tp, effects):
+                for index, item, raw in self._internal_items(record, tp, effects):
                     try:
                         echo = _ledger_item_id(item)
                         if echo in self._applied_here:
                             self._applied_here.discard(echo)  # applied here when forwarded
                             continue
-                        ledgers[tp.partition].receive(orjson.dumps(item), effects, METRICS,
+                        ledgers[tp.partition].receive(raw, effects, METRICS,
                                                       (tp.topic, tp.partition, record.offset))
                     except _MALFORMED as exc:
-                        self._malformed(record, tp, index, item, exc, effects)
+                        self._malformed(record, tp, index, raw, exc, effects)
                         continue
                     if item.get("type") == "decided_order" and record.timestamp:
                         effects.latency_from.setdefault("commission_facts", []).append(
@@ -537,13 +537,13 @@ class Engine:
         METRICS.events_valid.labels(self.kind_of[tp.topic]).inc(len(valid))
         return valid
 
-    def _forget(self, item: dict[str, Any], tp: TopicPartition, record: Any, index: int,
-                visitors: dict[int, VisitorStage], effects: Effects) -> None:
+    def _forget(self, item: dict[str, Any], raw: bytes, tp: TopicPartition, record: Any,
+                index: int, visitors: dict[int, VisitorStage], effects: Effects) -> None:
         visitor_id = item.get("visitor_id")
         if not isinstance(visitor_id, str) or not visitor_id:
-            self._malformed(record, tp, index, item, ValueError("forget without visitor_id"), effects)
+            self._malformed(record, tp, index, raw, ValueError("forget without visitor_id"), effects)
             return
-        if self._hopped(VISITOR, visitor_id, tp, orjson.dumps(item), record, effects):
+        if self._hopped(VISITOR, visitor_id, tp, raw, record, effects):
             return
         visitors[tp.partition].forget(visitor_id)
         log.info("forgot visitor state on partition %d (attribution forget)", tp.partition)
@@ -560,11 +560,11 @@ class Engine:
                         orders, self.config.topic("ref-programs"))
 
     def _internal_items(self, record: Any, tp: TopicPartition,
-                        effects: Effects) -> list[tuple[int, dict[str, Any]]]:
-        """The items of a record on an internal topic: a JSON array of objects, each with a `ts`
-        no later than the bound (contract v2 §2 holds for internal topics too). Anything else
-        goes to dead-letters, never into a stage: only the worker should write these topics,
-        but a poisoned record must not crash-loop it."""
+                        effects: Effects) -> list[tuple[int, dict[str, Any], bytes]]:
+        """The items of a record on an internal topic, each with its own JSON bytes: a JSON array
+        of objects, each with a `ts` no later than the bound (contract v2 §2 holds for internal
+        topics too). Anything else goes to dead-letters, never into a stage: only the worker
+        should write these topics, but a poisoned record must not crash-loop it."""
         try:
             items = orjson.loads(record.value or b"")
         except orjson.JSONDecodeError as exc:
@@ -578,28 +578,37 @@ class Engine:
             return []
         good = []
         for index, item in enumerate(items):
-            problem: InvalidEvent | None = None
-            if type(item) is not dict:
-                problem = InvalidEvent("malformed_internal", "an item must be a JSON object")
-            elif isinstance(item.get("ts"), str):
-                try:
-                    check_not_future(datetime.fromisoformat(item["ts"]), self._not_after)
-                except InvalidEvent as exc:
-                    problem = exc
-                except ValueError as exc:
-                    problem = InvalidEvent("malformed_internal", f"bad ts: {exc}")
-            if problem is not None:
-                self._dead_letter(record, tp, problem, index, orjson.dumps(item), effects)
+            try:
+                raw = orjson.dumps(item)
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+                raw = b'"<an item nested too deep to write>"'
+                problem: InvalidEvent | None = InvalidEvent("malformed_internal", "nested too deep")
             else:
-                good.append((index, item))
+                problem = self._item_problem(item)
+            if problem is not None:
+                self._dead_letter(record, tp, problem, index, raw, effects)
+            else:
+                good.append((index, item, raw))
         return good
 
-    def _malformed(self, record: Any, tp: TopicPartition, index: int, item: Any,
+    def _item_problem(self, item: Any) -> InvalidEvent | None:
+        if type(item) is not dict:
+            return InvalidEvent("malformed_internal", "an item must be a JSON object")
+        if isinstance(item.get("ts"), str):
+            try:
+                check_not_future(datetime.fromisoformat(item["ts"]), self._not_after)
+            except InvalidEvent as exc:
+                return exc
+            except ValueError as exc:
+                return InvalidEvent("malformed_internal", f"bad ts: {exc}")
+        return None
+
+    def _malformed(self, record: Any, tp: TopicPartition, index: int, raw: bytes,
                    exc: BaseException, effects: Effects) -> None:
         log.error("malformed item %d of %s[%d]@%d sent to dead-letters: %r",
                   index, tp.topic, tp.partition, record.offset, exc)
         self._dead_letter(record, tp, InvalidEvent("malformed_internal", repr(exc)[:500]),
-                          index, orjson.dumps(item), effects)
+                          index, raw, effects)
 
     def _dead_letter(self, record: Any, tp: TopicPartition, exc: InvalidEvent, index: int | None,
                      raw: bytes, effects: Effects) -> None:
