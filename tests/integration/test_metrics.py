@@ -32,6 +32,7 @@ DOCUMENTED_FAMILIES = {
     "attribution_clickhouse_insert_batches", "attribution_clickhouse_insert_errors",
     "attribution_clickhouse_insert_duration_seconds", "attribution_end_to_end_latency_seconds",
     "attribution_consumer_lag", "attribution_orders_waiting_for_clicks",
+    "attribution_reference_loaded", "attribution_orders_without_programs",
 }
 CONSUMED_TOPICS = ("clicks", "shares", "orders", "refunds", "visitor-events", "ledger-events")
 
@@ -119,6 +120,11 @@ def test_worker_exports_throughput_inserts_latency_and_dead_letters_and_the_lag_
         assert metrics.value("attribution_clickhouse_insert_duration_seconds_count", table=table) >= 1
     assert metrics.value("attribution_clickhouse_insert_rows_total", table="clicks") >= 5
     assert metrics.value("attribution_clickhouse_insert_errors_total") == 0
+    reference = parse_reference_document(REFERENCE_FILE_TEXT.encode())
+    assert metrics.value("attribution_reference_loaded", kind="programs") == len(reference[0])
+    assert metrics.value("attribution_reference_loaded", kind="affiliates") == len(reference[1])
+    assert metrics.value("attribution_reference_loaded", kind="settings") == (reference[2] is not None)
+    assert metrics.value("attribution_orders_without_programs_total") == 0
     latency_count = metrics.value("attribution_end_to_end_latency_seconds_count", table="clicks")
     assert latency_count >= 5
     # Every observation is below the largest finite bucket (5 min): nothing absurd was measured.
@@ -189,3 +195,20 @@ def test_lag_reporter_logs_and_keeps_going_when_a_topic_is_missing(
     warnings = [r for r in caplog.records if r.name == "streams.lag" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]  # one line per outage
     assert "no-such-topic" in warnings[0].getMessage()
+
+
+def test_orders_decided_with_no_program_loaded_are_counted_and_logged(isolated: Any) -> None:
+    """Issue 12: reference data that never arrived made every order unattributed, silently."""
+    config = isolated.config
+    produce_lines(config, [orjson.dumps(e) for e in [click(1), ORDER]])
+    port = free_port()
+    worker = isolated.worker(METRICS_PORT=str(port)).start()
+    isolated.wait_for("SELECT count() FROM {db}.attributed_orders FINAL", lambda n: n == 1)
+    metrics = scrape_until(
+        port, lambda m: m.value("attribution_orders_without_programs_total") >= 1)
+    assert metrics.value("attribution_orders_without_programs_total") == 1
+    assert metrics.value("attribution_reference_loaded", kind="programs") == 0
+    worker.stop()
+    log = worker.log_path.read_text()
+    assert "no program is loaded" in log
+    assert "orders decided while no program is loaded" in log
