@@ -36,6 +36,7 @@ class Metrics:
     coded_orders_waiting: Gauge
     reference_loaded: Gauge
     orders_without_programs: Counter
+    kafka_retries: Counter
 
 
 def _build() -> Metrics:
@@ -108,6 +109,10 @@ def _build() -> Metrics:
             "attribution_reference_loaded",
             "Reference records this worker holds: programs, affiliates, settings (0 or 1)",
             ["kind"],
+        ),
+        kafka_retries=Counter(
+            "attribution_kafka_retries",
+            "Sends, offset reads and commits the broker could not serve, tried again (an outage)",
         ),
         orders_without_programs=Counter(
             "attribution_orders_without_programs",

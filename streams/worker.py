@@ -1,7 +1,8 @@
 """Run the stream processor: topics, metrics endpoint, reference data, then the engine (blocks).
 
 Error policy: invalid input goes to dead-letters (never an exception); ClickHouse unreachable is
-retried in place by the sink; anything else is fatal: logged, then the process exits at once
+retried in place by the sink, a broker that is down or moving leaders by the engine (and waited
+for at start-up); anything else is fatal: logged, then the process exits at once
 with status 70 *without* committing, so the batch is processed again after a restart.
 """
 
@@ -12,6 +13,9 @@ import gc
 import logging
 import os
 import signal
+import time
+
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from schemas.config import (
     CODE_EVENTS_TOPIC,
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a worker stopped by an error it must not skip past (EX_SOFTWARE).
 FATAL_EXIT_CODE = 70
+#: How long a starting worker waits for a broker that does not answer (an outage, a broker
+#: restarting beside it) before it gives up.
+START_WAIT_SECONDS = 300
 
 _LEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING,
            "info": logging.INFO, "debug": logging.DEBUG}
@@ -51,7 +58,7 @@ def run_worker(config: Config, loglevel: str = "info") -> None:
     # aiokafka logs every group join and fetch reset at INFO: keep the worker's log readable.
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, _LEVELS.get(loglevel, 20)))
-    ensure_topics(config, progress=log.info)
+    _ensure_topics_once_kafka_answers(config)
     try:
         check_copartitioned(config)
     except NotCopartitioned as exc:
@@ -59,6 +66,27 @@ def run_worker(config: Config, loglevel: str = "info") -> None:
         raise SystemExit(2) from None
     serve(config.metrics_port)
     asyncio.run(_run(config))
+
+
+def _ensure_topics_once_kafka_answers(config: Config) -> None:
+    """Create missing topics, waiting up to START_WAIT_SECONDS for a broker that does not answer
+    yet: a worker restarted during a broker outage waits it out instead of crash-looping; a
+    bootstrap address that never answers still ends in a clear error (exit 1)."""
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    delay = 1.0
+    while True:
+        try:
+            ensure_topics(config, progress=log.info)
+            return
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:
+            if time.monotonic() + delay > deadline:
+                log.critical("Kafka at %s did not answer for %d s: %r", config.kafka_bootstrap,
+                             START_WAIT_SECONDS, exc)
+                raise SystemExit(1) from None
+            log.warning("Kafka at %s does not answer (%r); trying again in %.0f s",
+                        config.kafka_bootstrap, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 async def _run(config: Config) -> None:

@@ -27,6 +27,8 @@ stages, waiting orders and stores are closed; assigned ones are restored from th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -36,11 +38,11 @@ from functools import lru_cache
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
@@ -54,7 +56,7 @@ from schemas.config import (
     VISITOR_EVENTS_TOPIC,
     Config,
 )
-from schemas.events import Click, Order, Refund, Share
+from schemas.events import Click, Order, Refund, Review, Share
 from schemas.validation import (
     InvalidEvent,
     check_not_future,
@@ -158,6 +160,7 @@ class Engine:
         self.sink = RowSink(config.clickhouse, TABLES)
         self._pii_key: bytes | None = config.pii_key
         self._no_programs_warned = -1e9
+        self._kafka_warned = -1e9
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.restorer: AIOKafkaConsumer | None = None
@@ -514,9 +517,17 @@ class Engine:
         encoded = key.encode()
         if partition_of(encoded, self.n) == tp.partition:
             return False
-        # Internal topics hold ip and user_agent only as their keyed hash (contract v2 §1).
-        effects.forward(topic, encoded, scrub(raw, self._pii_key), record.timestamp)
+        effects.forward(topic, encoded, self._hop_value(raw), record.timestamp)
         return True
+
+    def _hop_value(self, raw: bytes) -> bytes:
+        """What an event carries through an internal topic: its valid event's fields only (an
+        unknown extra field may be nested deeper than orjson writes back, or just large), with
+        ip and user_agent as their keyed hash (contract v2 §1)."""
+        obj = orjson.loads(raw)
+        if type(obj) is dict:
+            obj = {k: v for k, v in obj.items() if k in _EVENT_FIELDS}
+        return scrub(orjson.dumps(obj), self._pii_key)
 
     def _click(self, click: Click, p: int, record: Any, visitors: dict[int, VisitorStage],
                ref: Any, effects: Effects) -> None:
@@ -596,7 +607,8 @@ class Engine:
             return InvalidEvent("malformed_internal", "an item must be a JSON object")
         if isinstance(item.get("ts"), str):
             try:
-                check_not_future(datetime.fromisoformat(item["ts"]), self._not_after)
+                # Upper case: RFC 3339 allows 't' and 'z', fromisoformat does not.
+                check_not_future(datetime.fromisoformat(item["ts"].upper()), self._not_after)
             except InvalidEvent as exc:
                 return exc
             except ValueError as exc:
@@ -623,7 +635,9 @@ class Engine:
         wanted = {TopicPartition(self.topics["clicks"], p) for p, _ in new_waiting}
         wanted |= {TopicPartition(self.topics[VISITOR], p) for p, _ in new_waiting}
         orders = [TopicPartition(self.topics["orders"], p) for p in range(self.n)]
-        ends = await self.consumer.end_offsets(list(wanted) + orders)
+        consumer = self.consumer
+        ends = await self._until_delivered(
+            "the end offsets", lambda: consumer.end_offsets(list(wanted) + orders))
         orders_end = {tp.partition: ends[tp] for tp in orders}
         for p, waiting in new_waiting:
             waiting.clicks_end = ends[TopicPartition(self.topics["clicks"], p)]
@@ -677,8 +691,10 @@ class Engine:
         for p, stores in staged.items():
             for name, store in stores.items():
                 if store.writes:
-                    changelog_ends[(name, p)] = await self._send_changelog(
-                        self.config.changelog_topic(name), p, store.writes)
+                    topic = self.config.changelog_topic(name)
+                    changelog_ends[(name, p)] = asyncio.ensure_future(self._until_delivered(
+                        f"changelog {topic}[{p}]",
+                        functools.partial(self._changelog_once, topic, p, store.writes)))
         for (name, p), delivery in changelog_ends.items():
             next_offset = await delivery
             state = self.partitions.get(p)
@@ -695,8 +711,7 @@ class Engine:
             if rejected:
                 # Rows the server refused for their data (found by bisecting the insert): the
                 # rest of the batch is written; these go to dead-letters, as the row itself.
-                assert self.producer is not None
-                deliveries = []
+                sends = []
                 for bad in rejected:
                     log.error("ClickHouse rejected a row of %s, sent to dead-letters: %s",
                               bad.table, bad.error)
@@ -704,14 +719,13 @@ class Engine:
                     dead = DeadLetter(None, orjson.dumps(list(bad.row), default=str),
                                       "rejected_by_clickhouse", bad.error[:1000],
                                       f"clickhouse:{bad.table}", -1, -1)
-                    deliveries.append(await self._send_dead_letter(dead))
-                await asyncio.gather(*deliveries)
+                    sends.append(self._dead_letter_record(dead))
+                await self._deliver(sends)
 
-    async def _send_dead_letter(self, dead: DeadLetter) -> Any:
+    def _dead_letter_record(self, dead: DeadLetter) -> tuple[str, dict[str, Any]]:
         """A dead letter as sent: `ip`/`user_agent` only as their keyed hash, and at most
         DEAD_LETTER_MAX_BYTES of the value, with the original's length and sha256 in headers
         (a 1 MB record must not make a dead letter the broker refuses: that crash-looped)."""
-        assert self.producer is not None
         value = scrub(dead.value, self._pii_key)
         headers = dead.headers()
         if len(value) > DEAD_LETTER_MAX_BYTES:
@@ -719,46 +733,73 @@ class Engine:
                         ("original_length", str(len(dead.value)).encode()),
                         ("original_sha256", hashlib.sha256(dead.value).hexdigest().encode())]
             value = value[:DEAD_LETTER_MAX_BYTES]
-        return await self.producer.send(self.out_topics[DEAD], key=dead.key, value=value,
-                                        headers=headers)
+        return self.out_topics[DEAD], dict(key=dead.key, value=value, headers=headers)
 
     async def _send_records(self, effects: Effects) -> None:
         """Forwards (as JSON-array records per partition), dead letters, flag messages."""
-        assert self.producer is not None
-        deliveries = []
+        sends: list[tuple[str, dict[str, Any]]] = []
         by_partition: dict[tuple[str, int], list[tuple[bytes, bytes, int | None]]] = defaultdict(list)
         for fwd in effects.forwards:
             p = fwd.partition if fwd.partition is not None else partition_of(fwd.key, self.n)
             by_partition[(self.out_topics[fwd.topic], p)].append((fwd.key, fwd.item, fwd.timestamp_ms))
         for (topic, p), items in by_partition.items():
-            deliveries += await self._send_arrays(topic, p, items)
-        for dead in effects.dead_letters:
-            deliveries.append(await self._send_dead_letter(dead))
-        for key, value in effects.flags:
-            deliveries.append(await self.producer.send(self.out_topics[ABUSE], key=key, value=value))
-        await asyncio.gather(*deliveries)
+            sends += _array_records(topic, p, items)
+        sends += [self._dead_letter_record(dead) for dead in effects.dead_letters]
+        sends += [(self.out_topics[ABUSE], dict(key=key, value=value)) for key, value in effects.flags]
+        await self._deliver(sends)
 
-    async def _send_arrays(self, topic: str, p: int,
-                           items: list[tuple[bytes, bytes, int | None]]) -> list[Any]:
-        """Items for one partition as JSON-array records (one per producer batch)."""
+    async def _deliver(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send every (topic, producer.send arguments), in order, and wait until the broker has
+        acknowledged each. Those that fail for a transient reason (the broker down or moving a
+        leader: aiokafka gives up after request_timeout_ms) are sent again until they get
+        through, as a ClickHouse outage is waited out; anything else is raised (fatal). A record
+        sent twice is absorbed downstream (every stage deduplicates by event or order id; a dead
+        letter or flag message may then appear twice: they are at least once)."""
         assert self.producer is not None
-        futures = []
-        chunk: list[bytes] = []
-        size = 0
-        first_key = items[0][0]
-        timestamp = max((t for _, _, t in items if t is not None), default=None)
-        for key, item, _ in items:
-            if chunk and size + len(item) > 900_000:
-                futures.append(await self.producer.send(
-                    topic, key=first_key or None, value=b"[" + b",".join(chunk) + b"]",
-                    partition=p, timestamp_ms=timestamp))
-                chunk, size, first_key = [], 0, key
-            chunk.append(item)
-            size += len(item) + 1
-        futures.append(await self.producer.send(
-            topic, key=first_key or None, value=b"[" + b",".join(chunk) + b"]", partition=p,
-            timestamp_ms=timestamp))
-        return futures
+        pending, delay = sends, _RETRY_FIRST_SECONDS
+        while pending:
+            futures: list[Any] = []
+            for topic, kwargs in pending:
+                try:
+                    futures.append(await self.producer.send(topic, **kwargs))
+                except KafkaError as exc:  # e.g. no metadata for the topic within the timeout
+                    futures.append(_failed(exc))
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            failed = []
+            for send, outcome in zip(pending, outcomes):
+                if isinstance(outcome, BaseException):
+                    if not _transient(outcome):
+                        raise outcome
+                    failed.append((send, outcome))
+            if failed:
+                self._waiting_for_kafka(f"{len(failed)} records", failed[0][1], delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+            pending = [send for send, _ in failed]
+
+    async def _until_delivered(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """`attempt()` again after a transient Kafka error, until it succeeds (see `_deliver`)."""
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return await attempt()
+            except KafkaError as exc:
+                if not _transient(exc):
+                    raise
+                self._waiting_for_kafka(what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+
+    def _waiting_for_kafka(self, what: str, exc: BaseException, delay: float) -> None:
+        METRICS.kafka_retries.inc()
+        now = time.monotonic()
+        if now - self._kafka_warned >= 10:  # an outage would log every few seconds otherwise
+            self._kafka_warned = now
+            log.warning("Kafka did not take %s (%r); retrying in %.1f s, nothing is committed "
+                        "meanwhile", what, exc, delay)
+
+    async def _changelog_once(self, topic: str, p: int, writes: dict[bytes, bytes | None]) -> int:
+        return await (await self._send_changelog(topic, p, writes))
 
     async def _send_changelog(self, topic: str, p: int,
                               writes: dict[bytes, bytes | None]) -> asyncio.Future[Any]:
@@ -824,6 +865,13 @@ class Engine:
                 # its effects are idempotent.
                 log.warning("offsets not committed, the group is rebalancing: %r", exc)
                 return
+            except KafkaError as exc:
+                if not _transient(exc):
+                    raise
+                # The broker or the group coordinator is away: commit these next time.
+                self._to_commit = {**offsets, **self._to_commit}
+                self._waiting_for_kafka("the offset commit", exc, 0)
+                return
             self._committed.update(offsets)
 
     def _flow_control(self) -> None:
@@ -844,10 +892,54 @@ class Engine:
 #: element is kept whole); a longer one keeps this prefix with its length and sha256.
 DEAD_LETTER_MAX_BYTES = 64 * 1024
 
+#: A send or offset read the broker could not serve is tried again after this, doubling up to
+#: the maximum: an outage is waited out, never a reason to exit.
+_RETRY_FIRST_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 10.0
+
+
+def _transient(exc: BaseException) -> bool:
+    """A Kafka error that waiting cures: the broker down, restarting or moving leaders. aiokafka
+    marks those retriable; its timeout (a request or a batch that expired waiting for a broker)
+    is not marked but is one too."""
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _array_records(topic: str, p: int, items: list[tuple[bytes, bytes, int | None]]
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """Items for one partition as JSON-array records of at most ~900 KB each."""
+    records = []
+    chunk: list[bytes] = []
+    size = 0
+    first_key = items[0][0]
+    timestamp = max((t for _, _, t in items if t is not None), default=None)
+    for key, item, _ in items:
+        if chunk and size + len(item) > 900_000:
+            records.append((topic, dict(key=first_key or None, value=b"[" + b",".join(chunk) + b"]",
+                                        partition=p, timestamp_ms=timestamp)))
+            chunk, size, first_key = [], 0, key
+        chunk.append(item)
+        size += len(item) + 1
+    records.append((topic, dict(key=first_key or None, value=b"[" + b",".join(chunk) + b"]",
+                                partition=p, timestamp_ms=timestamp)))
+    return records
+
+
 #: What a malformed internal item raises while a stage parses it: missing keys, wrong types,
 #: bad numbers or dates. It goes to dead-letters (`malformed_internal`).
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, InvalidOperation,
               OverflowError)
+#: The fields of every kind of event a hop carries (and of a forget item): anything else, which
+#: validation ignored, is left behind.
+_EVENT_FIELDS = frozenset(
+    f.name for cls in (Click, Share, Order, Refund, Review) for f in dataclasses.fields(cls)
+) | {"type", "visitor_id", "ts"}
 #: An `attribution forget` request on `visitor-events`: erase the visitor's touches.
 FORGET_TYPE = "forget"
 
