@@ -133,6 +133,11 @@ class Config(BaseSettings):
     # given itself or as a file holding it (read here, once). `pii_key` is the one to use.
     pii_key_secret: SecretStr | None = Field(None, validation_alias="PII_KEY")
     pii_key_from_file: SecretStr | None = Field(None, validation_alias="PII_KEY_FILE")
+    # The tracking edge (contract §8): its HTTP port, and the secret that signs postbacks (given
+    # itself or as a file holding it). `edge_secret` is the one to use.
+    edge_port: int = Field(8080, ge=0, le=65535, validation_alias="EDGE_PORT")
+    edge_secret_value: SecretStr | None = Field(None, validation_alias="EDGE_SECRET")
+    edge_secret_from_file: SecretStr | None = Field(None, validation_alias="EDGE_SECRET_FILE")
 
     # Project settings beyond the contract.
     partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")
@@ -204,6 +209,28 @@ class Config(BaseSettings):
             raise ValueError(f"{path} is empty")
         return _checked_pii_key(text, f"the key in {path}")
 
+    @field_validator("edge_secret_value")
+    @classmethod
+    def _edge_secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        return _checked_secret(value.get_secret_value(), "EDGE_SECRET") if value is not None else None
+
+    @field_validator("edge_secret_from_file", mode="before")
+    @classmethod
+    def _edge_secret_file_is_read(cls, value: object, info: ValidationInfo) -> object:
+        path = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if path is None or (isinstance(path, str) and not path.strip()):
+            return None
+        if info.data.get("edge_secret_value") is not None:
+            raise ValueError("EDGE_SECRET and EDGE_SECRET_FILE are both set; give one")
+        try:
+            text = Path(str(path)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read {path}: {reason}") from None
+        if not text.strip():
+            raise ValueError(f"{path} is empty")
+        return _checked_secret(text, f"the secret in {path}")
+
     @field_validator("clickhouse_url")
     @classmethod
     def _url_parses(cls, value: SecretStr) -> SecretStr:
@@ -236,6 +263,12 @@ class Config(BaseSettings):
         secret = self.pii_key_secret or self.pii_key_from_file
         return secret.get_secret_value().encode() if secret is not None else None
 
+    @property
+    def edge_secret(self) -> bytes | None:
+        """The postback signing secret (EDGE_SECRET, or the content of EDGE_SECRET_FILE)."""
+        secret = self.edge_secret_value or self.edge_secret_from_file
+        return secret.get_secret_value().encode() if secret is not None else None
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
@@ -256,6 +289,11 @@ class Config(BaseSettings):
 #: 16 characters at least: the key is all that stands between a keyed hash of an IPv4 address
 #: and its 2^32 candidates. Surrounding whitespace (a key file's newline) is not part of it.
 MIN_PII_KEY_LENGTH = 16
+
+
+def _checked_secret(text: str, what: str) -> SecretStr | None:
+    """A shared secret (EDGE_SECRET) is held to the same minimum as the PII key."""
+    return _checked_pii_key(text, what)
 
 
 def _checked_pii_key(text: str, what: str) -> SecretStr | None:

@@ -91,12 +91,30 @@ class Affiliate:
 
 
 @dataclass(frozen=True, slots=True)
+class Link:
+    """A tracking link of the edge (contract §8): `/r/{link_id}` redirects to `url`."""
+
+    link_id: str
+    affiliate_id: str
+    url: str
+    channel: str = "other"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     coupon_sites: tuple[str, ...] = DEFAULT_COUPON_SITES
     fast_conversion_seconds: int = DEFAULT_FAST_CONVERSION_SECONDS
     #: Who may decide on held orders (contract §6); nobody by default.
     reviewers: tuple[str, ...] = ()
     max_future_seconds: int = DEFAULT_MAX_FUTURE_SECONDS
+    #: The tracking edge (contract §8): its links, where an ad-hoc link may send a browser,
+    #: and which sites' pages may post events (host names; a subdomain matches).
+    links: tuple[Link, ...] = ()
+    allowed_redirect_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    def link(self, link_id: str) -> Link | None:
+        return next((link for link in self.links if link.link_id == link_id), None)
 
 
 def normalise_code(code: str) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -63,6 +64,7 @@ from .reference import (
     DEFAULT_VELOCITY_WINDOW_MINUTES,
     Affiliate,
     Commission,
+    Link,
     Program,
     Settings,
     Velocity,
@@ -886,6 +888,18 @@ def _affiliate(value: object, at: str) -> Affiliate:
     )
 
 
+def _ref_hosts(value: object, at: str) -> tuple[str, ...]:
+    """Host names (lower case, no scheme, port or path); a subdomain of one matches it."""
+    hosts: list[str] = []
+    for index, host in enumerate(_ref_list(value, at)):
+        name = host.strip().lower().rstrip(".") if isinstance(host, str) else ""
+        if not name or name.startswith(".") or any(c in name for c in "/:@?# \t"):
+            raise InvalidReference(f"{at}[{index}]", f"must be a host name like 'shop.example', got {_show(host)}")
+        if name not in hosts:
+            hosts.append(name)
+    return tuple(hosts)
+
+
 def _settings(value: object, at: str) -> Settings:
     record = _ref_object(value, at)
     sites_value = record.get("coupon_sites")
@@ -903,6 +917,24 @@ def _settings(value: object, at: str) -> Settings:
             if host not in sites:
                 sites.append(host)
         coupon_sites = tuple(sites)
+    links: list[Link] = []
+    links_at = _join(at, "links")
+    for index, value in enumerate(_ref_list(record.get("links"), links_at)):
+        link_at = f"{links_at}[{index}]"
+        link_record = _ref_object(value, link_at)
+        url = _ref_str(link_record, "url", link_at, required=True)
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise InvalidReference(_join(link_at, "url"), f"must be an http(s) URL, got {_show(url)}")
+        link = Link(
+            link_id=_ref_str(link_record, "link_id", link_at, required=True),
+            affiliate_id=_ref_str(link_record, "affiliate_id", link_at, required=True),
+            url=url,
+            channel=normalise_channel(_ref_str(link_record, "channel", link_at, required=False)),
+        )
+        if any(known.link_id == link.link_id for known in links):
+            raise InvalidReference(_join(link_at, "link_id"), f"duplicate link_id {link.link_id!r}")
+        links.append(link)
     reviewers: list[str] = []
     reviewers_at = _join(at, "reviewers")
     for index, name in enumerate(_ref_list(record.get("reviewers"), reviewers_at)):
@@ -921,6 +953,10 @@ def _settings(value: object, at: str) -> Settings:
             maximum=MAX_FAST_CONVERSION_SECONDS,
         ),
         reviewers=tuple(reviewers),
+        links=tuple(links),
+        allowed_redirect_hosts=_ref_hosts(record.get("allowed_redirect_hosts"),
+                                          _join(at, "allowed_redirect_hosts")),
+        allowed_origins=_ref_hosts(record.get("allowed_origins"), _join(at, "allowed_origins")),
         max_future_seconds=_ref_int(
             record, "max_future_seconds", at,
             # A day of clock skew is already absurd; more would let one event approve a month.
@@ -1060,6 +1096,10 @@ def settings_to_json(settings: Settings) -> bytes:
             "coupon_sites": list(settings.coupon_sites),
             "fast_conversion_seconds": settings.fast_conversion_seconds,
             "reviewers": list(settings.reviewers),
+            "links": [{"link_id": link.link_id, "affiliate_id": link.affiliate_id, "url": link.url,
+                       "channel": link.channel} for link in settings.links],
+            "allowed_redirect_hosts": list(settings.allowed_redirect_hosts),
+            "allowed_origins": list(settings.allowed_origins),
             "max_future_seconds": settings.max_future_seconds,
         }
     )

@@ -1041,3 +1041,26 @@ def test_a_wrong_typed_personal_field_is_not_repeated_in_the_error(field: str) -
     with pytest.raises(InvalidEvent) as caught:
         decode_event(orjson.dumps(BASE["click"] | {field: 3405803783}))
     assert caught.value.reason == "wrong_type" and "3405803783" not in caught.value.detail
+
+
+def test_edge_settings_parse_and_round_trip() -> None:
+    settings_ = parse_settings({
+        "links": [{"link_id": "sally-ig", "affiliate_id": "sally", "url": "https://shop.example/p?x=1",
+                   "channel": "Instagram"}],
+        "allowed_redirect_hosts": ["Shop.Example"], "allowed_origins": ["shop.example."]})
+    assert settings_.link("sally-ig") is not None and settings_.link("sally-ig").channel == "instagram"
+    assert settings_.link("nope") is None
+    assert settings_.allowed_redirect_hosts == ("shop.example",)
+    assert settings_.allowed_origins == ("shop.example",)
+    assert parse_settings(orjson.loads(settings_to_json(settings_))) == settings_
+
+
+@pytest.mark.parametrize("settings_, message", [
+    ({"links": [{"link_id": "a", "affiliate_id": "s", "url": "javascript:alert(1)"}]}, "links[0].url"),
+    ({"links": [{"link_id": "a", "affiliate_id": "s", "url": "https://x.example"},
+                {"link_id": "a", "affiliate_id": "s", "url": "https://x.example"}]}, "duplicate link_id"),
+    ({"allowed_redirect_hosts": ["https://x.example/"]}, "allowed_redirect_hosts[0]"),
+])
+def test_bad_edge_settings_are_refused(settings_: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidReference, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_settings(settings_)
