@@ -138,6 +138,10 @@ class Config(BaseSettings):
     edge_port: int = Field(8080, ge=0, le=65535, validation_alias="EDGE_PORT")
     edge_secret_value: SecretStr | None = Field(None, validation_alias="EDGE_SECRET")
     edge_secret_from_file: SecretStr | None = Field(None, validation_alias="EDGE_SECRET_FILE")
+    # Where the edge spools events Kafka did not acknowledge, and how much it may hold there (past
+    # it, 503 with Retry-After): 1 GiB is minutes of the target 20,000 events/s.
+    edge_spool_dir: Path = Field(Path(".stack/edge-spool"), validation_alias="EDGE_SPOOL_DIR")
+    edge_spool_max_bytes: int = Field(1 << 30, ge=1 << 20, validation_alias="EDGE_SPOOL_MAX_BYTES")
 
     # Project settings beyond the contract.
     partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")
