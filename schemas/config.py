@@ -6,6 +6,7 @@ the environment. It is frozen, validated, and never logged with its password.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import cached_property
 from pathlib import Path
@@ -138,6 +139,14 @@ class Config(BaseSettings):
     edge_port: int = Field(8080, ge=0, le=65535, validation_alias="EDGE_PORT")
     edge_secret_value: SecretStr | None = Field(None, validation_alias="EDGE_SECRET")
     edge_secret_from_file: SecretStr | None = Field(None, validation_alias="EDGE_SECRET_FILE")
+    # The edge's rate limits (edge/limits.py): requests per second and burst, per client address
+    # and per tracking link; and the proxies whose X-Forwarded-For it believes (comma-separated
+    # addresses or CIDR networks; none by default: the peer address is the client's).
+    edge_rate_per_ip: float = Field(20.0, gt=0, validation_alias="EDGE_RATE_PER_IP")
+    edge_burst_per_ip: int = Field(40, ge=1, validation_alias="EDGE_BURST_PER_IP")
+    edge_rate_per_link: float = Field(200.0, gt=0, validation_alias="EDGE_RATE_PER_LINK")
+    edge_burst_per_link: int = Field(400, ge=1, validation_alias="EDGE_BURST_PER_LINK")
+    edge_trusted_proxies: str = Field("", validation_alias="EDGE_TRUSTED_PROXIES")
     # Where the edge spools events Kafka did not acknowledge, and how much it may hold there (past
     # it, 503 with Retry-After): 1 GiB is minutes of the target 20,000 events/s.
     edge_spool_dir: Path = Field(Path(".stack/edge-spool"), validation_alias="EDGE_SPOOL_DIR")
@@ -234,6 +243,16 @@ class Config(BaseSettings):
         if not text.strip():
             raise ValueError(f"{path} is empty")
         return _checked_secret(text, f"the secret in {path}")
+
+    @field_validator("edge_trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
 
     @field_validator("clickhouse_url")
     @classmethod
