@@ -281,6 +281,29 @@ def worker(
     run_worker(load_config(), loglevel=loglevel)
 
 
+@app.command("edge")
+def edge(
+    host: str = typer.Option("0.0.0.0", help="Address to listen on (the port is EDGE_PORT)."),
+    loglevel: str = typer.Option("info", help="critical | error | warning | info | debug"),
+) -> None:
+    """Run the tracking edge (contract §8) on EDGE_PORT: tracking links /r/{link_id} and
+    /r?aff=&to=, browser events POST /v1/events, signed postbacks POST /v1/orders and
+    /v1/refunds, /t.js, /healthz, /readyz and /metrics. Events go to Kafka (acks=all) or, while
+    Kafka is unreachable, to the local spool. Needs PII_KEY and EDGE_SECRET. SIGTERM/SIGINT:
+    stops accepting, finishes requests in flight and drains the delivery."""
+    import asyncio
+    import logging
+
+    config = load_config()
+    for variable, value in (("PII_KEY", config.pii_key), ("EDGE_SECRET", config.edge_secret)):
+        if value is None:
+            raise fail(f"{variable} (or {variable}_FILE) is required by the edge", 2)
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge.app import serve
+
+    asyncio.run(serve(config, host=host))
+
+
 def _period(since: Optional[str], until: Optional[str]) -> tuple[date, date]:
     try:
         first = date.fromisoformat(since) if since else date(1970, 1, 1)
