@@ -241,7 +241,7 @@ def test_an_edge_killed_after_deliver_returned_with_the_broker_down_is_replayed_
                            orjson.dumps({"type": "click", "event_id": "killed-%d" % n}))
                  for n in range(count)]
     found = on_kafka(config, count)
-    expected = {}
+    expected: dict[int, list[str]] = {}
     for event in delivered:
         expected.setdefault(partition_of(event.key, list(range(PARTITIONS))), []).append(
             orjson.loads(event.value)["event_id"])
