@@ -31,6 +31,7 @@ from schemas.config import Config
 from streams import kafka_clients
 from streams.publish import partition_of
 
+from .metrics import SPOOL_BYTES, SPOOL_EVENTS, SPOOL_OLDEST_AGE
 from .spool import EdgeEvent, Spool, SpoolFull
 
 __all__ = ["Delivery", "EdgeEvent", "SpoolFull", "MAX_EVENT_BYTES"]
@@ -139,6 +140,10 @@ class Delivery:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.open)
+        # Read at each scrape (one Delivery per edge process).
+        SPOOL_EVENTS.set_function(lambda: self.spool.events)
+        SPOOL_BYTES.set_function(lambda: self.spool.bytes)
+        SPOOL_OLDEST_AGE.set_function(self.spool.oldest_age_seconds)
         if not self.spool.empty:
             log.info("the spool holds %d events (%d bytes) from before: replaying them",
                      self.spool.events, self.spool.bytes)
