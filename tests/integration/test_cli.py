@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 COMMANDS = [[], ["stack"], ["db"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
             ["db", "migrate"], ["load-reference"], ["produce"], ["worker"], ["report"], ["demo"],
-            ["codes"], ["review"], ["stack", "env"], ["forget"]]
+            ["codes"], ["review"], ["stack", "env"], ["forget"], ["edge"]]
 
 
 def attribution(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
