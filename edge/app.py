@@ -406,8 +406,11 @@ class Edge:
         cors = self._cors_headers(request)
         if cors is None:
             return _error(403, "origin not allowed", {"Vary": "Origin"})
-        response = await self._browser_events(request)
-        response.headers.update(cors)
+        try:
+            response = await self._browser_events(request)
+        except web.HTTPRequestEntityTooLarge:  # a body beyond client_max_size, sent chunked
+            response = _error(413, f"at most {MAX_BROWSER_BODY} bytes")
+        response.headers.update(cors)  # so that the page can read why it was refused
         return response
 
     async def _browser_events(self, request: web.Request) -> web.Response:

@@ -543,3 +543,33 @@ def test_metrics_count_requests_by_route_pattern_events_and_rejections() -> None
         assert "attribution_edge_spool_oldest_age_seconds" in text
 
     run_edge(scenario)
+
+
+def test_a_delivery_that_fails_otherwise_is_503_with_retry_after() -> None:
+    class BrokenDelivery(FakeDelivery):
+        async def deliver(self, events: Any) -> None:
+            raise RuntimeError("not authorized to write the topic")
+
+    async def scenario(client: Client, delivery: FakeDelivery) -> None:
+        response = await client.get("/r/summer", allow_redirects=False, headers=BROWSER)
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        assert "Location" not in response.headers
+
+    run_edge(scenario, delivery=BrokenDelivery())
+
+
+def test_a_chunked_browser_body_over_the_limit_is_413_with_cors_headers() -> None:
+    async def chunks() -> Any:
+        yield b"["
+        for _ in range(300):
+            yield b'{"type": "share", "affiliate_id": "sally", "padding": "' + b"x" * 4000 + b'"},'
+        yield b"{}]"
+
+    async def scenario(client: Client, delivery: FakeDelivery) -> None:
+        response = await client.post("/v1/events", data=chunks(),
+                                     headers={**BROWSER, "Origin": "https://shop.example"})
+        assert response.status == 413
+        assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+
+    assert run_edge(scenario).events == []
