@@ -543,6 +543,28 @@ def build_app(config: Config, delivery: EventSink, references: References, *,
 
 #: How long a graceful stop waits for requests in flight before closing their connections.
 SHUTDOWN_SECONDS = 10.0
+#: Reading the reference topics again after a failure (e.g. they do not exist yet: the first
+#: worker creates them): first wait, and the most it grows to.
+REFERENCE_RETRY_SECONDS = 1.0
+REFERENCE_RETRY_MAX_SECONDS = 30.0
+
+
+async def keep_reading(references: Any) -> None:
+    """`ReferenceReader.run()`, started again with backoff whenever it fails: an edge whose
+    reference topics are missing or unreachable stays up and answers /readyz 503 until it has
+    read them (what it already read stays in use meanwhile)."""
+    wait = REFERENCE_RETRY_SECONDS
+    while True:
+        try:
+            await references.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("cannot read the reference topics (%s); trying again in %.0f s",
+                        error, wait)
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, REFERENCE_RETRY_MAX_SECONDS)
 
 
 async def serve(config: Config, *, host: str = "0.0.0.0",
@@ -557,7 +579,7 @@ async def serve(config: Config, *, host: str = "0.0.0.0",
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     references = ReferenceReader(config)
-    reference_task = asyncio.create_task(references.run(), name="edge-reference")
+    reference_task = asyncio.create_task(keep_reading(references), name="edge-reference")
     delivery = Delivery(config)
     await delivery.start()
     runner = web.AppRunner(build_app(config, delivery, references), access_log=None,
@@ -568,11 +590,7 @@ async def serve(config: Config, *, host: str = "0.0.0.0",
         site = web.TCPSite(runner, host, config.edge_port)
         await site.start()
         log.info("edge listening on %s:%d", host, config.edge_port)
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({stopped, reference_task}, return_when=asyncio.FIRST_COMPLETED)
-        if reference_task.done() and not stopped.done():
-            stopped.cancel()
-            reference_task.result()  # the reference reader died: raise its error
+        await stop.wait()
         log.info("edge stopping: no new connections, finishing requests, draining delivery")
     finally:
         await runner.cleanup()

@@ -192,6 +192,31 @@ def test_the_edge_is_alive_then_ready_on_empty_reference_topics_and_stops_on_sig
     assert edge.stop() == 0, edge.log()
 
 
+def test_an_edge_started_before_its_topics_exist_stays_up_but_not_ready(
+        stack: Any, tmp_path: Path) -> None:
+    pytest.importorskip("edge.delivery", reason="edge/delivery.py is not there yet")
+    env = dict(os.environ, KAFKA_BOOTSTRAP=stack.kafka_bootstrap, PYTHONPATH=str(REPO),
+               TOPIC_PREFIX=f"edgenotopics{uuid.uuid4().hex[:8]}.", PII_KEY=PII_KEY,
+               EDGE_SECRET=EDGE_SECRET, EDGE_SPOOL_DIR=str(tmp_path / "spool"))
+    edge = EdgeProcess(env, tmp_path / "edge.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert edge.process.poll() is None, edge.log()
+            try:
+                if edge.request("GET", "/healthz").status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, edge.log()
+                time.sleep(0.3)
+        time.sleep(3)  # a few failed reads of the reference topics
+        assert edge.process.poll() is None, edge.log()
+        assert edge.request("GET", "/readyz").status == 503
+        assert "cannot read the reference topics" in edge.log()
+    finally:
+        assert edge.stop() == 0, edge.log()
+
+
 @pytest.mark.parametrize("missing", ["PII_KEY", "EDGE_SECRET"])
 def test_the_edge_will_not_start_without_its_secrets(missing: str) -> None:
     env = dict(os.environ, PII_KEY=PII_KEY, EDGE_SECRET=EDGE_SECRET, PYTHONPATH=str(REPO))
