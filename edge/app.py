@@ -193,6 +193,13 @@ class Edge:
                 return hop
         return peer
 
+    def is_https(self, request: web.Request) -> bool:
+        """Whether the browser reached the edge over HTTPS (itself, or a trusted proxy says so)."""
+        if request.secure:
+            return True
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return forwarded == "https" and self._is_trusted(request.remote or "")
+
     def _is_trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
@@ -373,10 +380,10 @@ class Edge:
         location = with_query(link.url, aclid=click["event_id"], av=visitor_id)
         response = web.Response(status=302, headers={"Location": location,
                                                      "Cache-Control": "no-store"})
+        secure = self.is_https(request)
         response.set_cookie(VISITOR_COOKIE, visitor_id, path="/", max_age=VISITOR_COOKIE_MAX_AGE,
-                            samesite="Lax", secure=request.secure)
-        response.set_cookie(SESSION_COOKIE, session_id, path="/", samesite="Lax",
-                            secure=request.secure)
+                            samesite="Lax", secure=secure)
+        response.set_cookie(SESSION_COOKIE, session_id, path="/", samesite="Lax", secure=secure)
         return response
 
     # --- browser events ------------------------------------------------------------------

@@ -573,3 +573,17 @@ def test_a_chunked_browser_body_over_the_limit_is_413_with_cors_headers() -> Non
         assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
 
     assert run_edge(scenario).events == []
+
+
+def test_cookies_are_secure_when_a_trusted_proxy_says_the_browser_used_https() -> None:
+    headers = {**BROWSER, "X-Forwarded-Proto": "https"}
+
+    async def scenario(client: Client, delivery: FakeDelivery) -> None:
+        response = await client.get("/r/summer", allow_redirects=False, headers=headers)
+        cookies = response.headers.getall("Set-Cookie")
+        assert all("Secure" in cookie for cookie in cookies) == trusted
+
+    trusted = True
+    run_edge(scenario, EDGE_TRUSTED_PROXIES="127.0.0.1")
+    trusted = False
+    run_edge(scenario)
