@@ -6,8 +6,8 @@
   const attr = (name) => (script && script.getAttribute(name)) || '';
   const edge = script ? new URL(script.src).origin : '';
   const query = new URLSearchParams(location.search);
-  // An id from a URL or cookie: nothing that could end or extend the cookie it goes into.
-  const valid = (id) => (id && /^[\w.:-]{1,128}$/.test(id) ? id : '');
+  // An id from a URL or cookie, as the edge writes them: nothing that could end or extend a cookie.
+  const valid = (id) => (id && /^[\w-]{1,64}$/.test(id) ? id : '');
   const newId = () =>
     Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => (b + 256).toString(16).slice(1)).join('');
   const cookie = (name) => {
