@@ -561,7 +561,8 @@ def demo(
     visitors: int = typer.Option(20_000, help="Visitors in the generated day of traffic."),
     timeout: float = typer.Option(600, help="Seconds to wait for the worker to catch up."),
 ) -> None:
-    """The whole pipeline on a sample: stack up, migrate, reference data, worker, traffic, report."""
+    """The whole pipeline on a sample: stack up, migrate, reference data, worker, traffic, report;
+    then one visitor through `attribution edge` (a tracking link, a signed order postback)."""
     from attribution.demo import run_demo
 
     run_demo(load_config(), visitors=visitors, timeout=timeout, console=console,
