@@ -97,7 +97,10 @@ class EventSink(Protocol):
 
 
 def _utc_now_text(now: float) -> str:
-    return datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace(
+    """The time the edge gives an event that has none: whole seconds, rounded down. A store
+    whose order `ts` has whole seconds then never sees a click of the same second as later than
+    its order (a click must be at or before the order to count), and ClickHouse keeps seconds."""
+    return datetime.fromtimestamp(int(now), timezone.utc).isoformat(timespec="seconds").replace(
         "+00:00", "Z")
 
 
