@@ -194,12 +194,14 @@ class Delivery:
         )
         try:
             await asyncio.wait_for(producer.start(), ACK_TIMEOUT_SECONDS * 2)
-        except (asyncio.TimeoutError, KafkaError, OSError) as error:
-            log.warning("Kafka is not reachable (%s): events are spooled", error)
+        except BaseException as error:  # a stop() cancelling the replay task as well
             try:
                 await asyncio.wait_for(producer.stop(), ACK_TIMEOUT_SECONDS)
             except (asyncio.TimeoutError, KafkaError, OSError):
                 pass
+            if not isinstance(error, (asyncio.TimeoutError, KafkaError, OSError)):
+                raise
+            log.warning("Kafka is not reachable (%s): events are spooled", error)
             return False
         self._producer = producer
         return True

@@ -37,6 +37,9 @@ _BYTES_LENGTH = struct.Struct(">I")
 #: all of it, so this is how much is sent again at most after a crash mid-replay.
 SEGMENT_BYTES = 16 * 1024 * 1024
 _SUFFIX = ".seg"
+#: Room a spool must have left to say it has room (readiness): a whole request of the edge's
+#: largest kind (a 256 KiB POST /v1/events), so a ready edge does not answer it 503.
+READY_HEADROOM_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,8 @@ class Spool:
         return max(0.0, (time.time() if now is None else now) - oldest / 1000)
 
     def has_room(self) -> bool:
-        return self.bytes < self.max_bytes
+        """Room for another whole request (READY_HEADROOM_BYTES, or a tenth of a small spool)."""
+        return self.max_bytes - self.bytes >= min(READY_HEADROOM_BYTES, self.max_bytes // 10)
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -53,9 +53,10 @@ def test_a_group_of_batches_is_one_fsync_and_keeps_their_order(tmp_path: Path) -
 
 def test_a_full_spool_takes_no_batch_that_does_not_fit_nor_any_after_it(tmp_path: Path) -> None:
     three = sum(len(encode_record(events(n, 10), 0)) for n in (0, 10, 20))
-    spool = opened(tmp_path, max_bytes=three + three // 6)
-    assert spool.append([events(0, 10), events(10, 10), events(20, 10)]) == 3
+    spool = opened(tmp_path, max_bytes=three + three // 12)
     assert spool.has_room()
+    assert spool.append([events(0, 10), events(10, 10), events(20, 10)]) == 3
+    assert not spool.has_room()  # less than a tenth left: not ready for another request
     assert spool.append([events(30, 10), events(40, 1)]) == 0  # the first does not fit: neither
     assert spool.events == 30 and spool.bytes == three
     assert replay_all(spool) == events(0, 30)
