@@ -230,8 +230,7 @@ class Spool:
             if not records:
                 return 0
             segment = self._segments[-1]
-            os.write(self._file, b"".join(record for record, _ in records))
-            os.fsync(self._file)
+            self._write(segment, memoryview(b"".join(record for record, _ in records)))
             segment.bytes += sum(len(record) for record, _ in records)
             segment.events += sum(count for _, count in records)
             if segment.oldest_ms is None:
@@ -239,6 +238,23 @@ class Spool:
             if segment.bytes >= self.segment_bytes:
                 self._roll()
             return len(records)
+
+    def _write(self, segment: _Segment, data: memoryview) -> None:
+        """Write and fsync all of `data`, or leave the segment as it was and raise. A record cut
+        short (a full disk) must not stay in front of later appends: reading stops at the first
+        bad record, so everything appended after it would be dropped on the next open."""
+        assert self._file is not None
+        try:
+            view = data
+            while view:
+                view = view[os.write(self._file, view):]
+            os.fsync(self._file)
+        except OSError:
+            try:
+                os.ftruncate(self._file, segment.bytes)
+            except OSError:
+                self._roll()  # the cut record stays last in its segment, dropped on open
+            raise
 
     # --- replaying ----------------------------------------------------------------------
 

@@ -134,3 +134,28 @@ def test_files_that_are_not_segments_are_left_alone(tmp_path: Path) -> None:
     assert spool.empty
     spool.close()
     assert (tmp_path / "notes.seg").exists()
+
+
+def test_a_failed_write_leaves_no_cut_record_in_front_of_later_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spool = opened(tmp_path)
+    spool.append([events(0, 2)])
+    real_write = os.write
+    calls = 0
+
+    def disk_full(descriptor: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real_write(descriptor, bytes(data)[:7])  # a short write, then no space
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError):
+        spool.append([events(2, 2)])
+    monkeypatch.setattr(os, "write", real_write)
+    assert spool.append([events(4, 2)]) == 1
+    spool.close()
+
+    assert replay_all(opened(tmp_path)) == events(0, 2) + events(4, 2)
