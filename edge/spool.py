@@ -15,6 +15,7 @@ them in a thread). One thread at a time: a lock serialises them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -131,6 +132,7 @@ class Spool:
         self.segment_bytes = segment_bytes
         self._segments: list[_Segment] = []
         self._file: int | None = None  # the newest segment's descriptor, open for appending
+        self._lock_file: int | None = None  # held while open: one process per spool directory
         self._lock = threading.Lock()
 
     # --- what the metrics and the readiness probe read ----------------------------------
@@ -164,6 +166,7 @@ class Spool:
         """Find what a previous process left, dropping a torn tail; appends go to a new segment."""
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._hold_directory()
             self._segments = []
             for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
                 try:
@@ -184,6 +187,23 @@ class Spool:
                 self._file = None
             if self._segments and not self._segments[-1].events:
                 self._segments.pop().path.unlink(missing_ok=True)
+            if self._lock_file is not None:
+                os.close(self._lock_file)  # releases the lock
+                self._lock_file = None
+
+    def _hold_directory(self) -> None:
+        """Two processes appending to one spool would interleave their segments: the second
+        one to open it is refused (the lock dies with its process, kill -9 included)."""
+        if self._lock_file is not None:
+            return
+        descriptor = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise RuntimeError(f"the spool {self.directory} is in use by another process: give "
+                               "each edge an EDGE_SPOOL_DIR of its own") from None
+        self._lock_file = descriptor
 
     def _scan(self, path: Path, sequence: int) -> _Segment:
         data = path.read_bytes()

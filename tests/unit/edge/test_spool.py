@@ -108,7 +108,9 @@ def test_reopening_keeps_the_order_and_appends_after_what_was_there(tmp_path: Pa
     spool = opened(tmp_path, segment_bytes=200)
     for n in range(0, 20, 4):
         spool.append([events(n, 4)])
-    del spool  # no close(): as after kill -9
+    for descriptor in (spool._file, spool._lock_file):  # noqa: SLF001 - as kill -9 leaves it:
+        assert descriptor is not None                   # descriptors closed, nothing tidied
+        os.close(descriptor)
 
     reopened = opened(tmp_path, segment_bytes=200)
     assert reopened.events == 20
@@ -159,3 +161,13 @@ def test_a_failed_write_leaves_no_cut_record_in_front_of_later_appends(
     spool.close()
 
     assert replay_all(opened(tmp_path)) == events(0, 2) + events(4, 2)
+
+
+def test_a_second_spool_on_the_same_directory_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    first = opened(tmp_path)
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        opened(tmp_path)
+    first.close()
+    opened(tmp_path).close()
