@@ -117,9 +117,22 @@ def test_compose_and_k8s_settings_are_accepted_by_the_worker_config() -> None:
 def compose_environment(environment: dict[str, Any]) -> dict[str, str]:
     """Compose's `${VAR:-default}` as its default and `${VAR:?message}` (required) as a value."""
     interpolation = re.compile(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)\}")
+    # A `*_FILE` naming a compose secret exists only in the container: its name is checked by
+    # test_the_secret_files_the_worker_reads_are_compose_secrets, not read here.
     return {key: interpolation.sub(lambda m: m[2] if m[2] is not None else f"set-{m[1].lower()}",
                                    str(value))
-            for key, value in environment.items()}
+            for key, value in environment.items()
+            if not (key.endswith("_FILE") and str(value).startswith("/run/secrets/"))}
+
+
+def test_the_secret_files_the_worker_reads_are_compose_secrets() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if key.endswith("_FILE") and str(value).startswith("/run/secrets/"):
+                secret = str(value).removeprefix("/run/secrets/")
+                assert secret in (service.get("secrets") or []), (name, key)
+                assert secret in compose["secrets"], (name, key)
 
 
 def test_no_password_has_a_default_anywhere_in_deploy() -> None:
