@@ -84,6 +84,7 @@ class Affiliate:
     customer_id: str = ""
     codes: tuple[str, ...] = ()  # normalised: trimmed, upper case
     status: str = "active"
+    payout_email: str = ""  # §9: the PayPal recipient of `payouts export --format paypal`
 
     @property
     def active(self) -> bool:

@@ -885,6 +885,7 @@ def _affiliate(value: object, at: str) -> Affiliate:
         customer_id=_ref_str(record, "customer_id", at, required=False),
         codes=tuple(codes),
         status=status,
+        payout_email=_ref_str(record, "payout_email", at, required=False).strip(),
     )
 
 
@@ -1085,6 +1086,7 @@ def affiliate_to_json(affiliate: Affiliate) -> bytes:
             "customer_id": affiliate.customer_id,
             "codes": list(affiliate.codes),
             "status": affiliate.status,
+            "payout_email": affiliate.payout_email,
         }
     )
 
