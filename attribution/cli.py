@@ -576,6 +576,13 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
 
+# --- payouts (contract §9): the commands live in attribution/payouts.py ----------------------
+
+from attribution.payouts import register as _register_payouts  # noqa: E402  (uses this module's helpers)
+
+_register_payouts(app)
+
+
 def main() -> None:
     app()
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 
+from schemas.payouts import LedgerFact, PaidLine, PayoutLine
+
 from .money import ZERO
 
 #: §9's default `--minimum`: below it a positive balance is carried to the next batch, as
@@ -30,31 +32,6 @@ DEFAULT_MINIMUM = Decimal("50.00")
 
 class PayoutOutOfOrder(ValueError):
     """A batch cut off before (or at) an existing batch's cut-off: it would pay facts twice."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerFact:
-    """One `commission_facts` row, as much of it as payouts need. `ts` is naive UTC or aware."""
-
-    fact_id: str
-    order_id: str
-    affiliate_id: str
-    currency: str
-    kind: str  # accrual | reversal | approval
-    amount: Decimal
-    status: str
-    ts: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class PaidLine:
-    """A line of an earlier batch: what it paid one affiliate in one currency."""
-
-    payout_id: str
-    until: date
-    affiliate_id: str
-    currency: str
-    amount: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,23 +48,11 @@ class Balance:
 
 
 @dataclass(frozen=True, slots=True)
-class PayoutLine:
-    payout_id: str
-    affiliate_id: str
-    currency: str
-    amount: Decimal
-    orders: int
-    #: the facts this line pays for the first time (not stored; lets tests check each fact is
-    #: paid at most once)
-    fact_ids: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
 class Batch:
     payout_id: str
     until: date
     lines: tuple[PayoutLine, ...]
-    carried: tuple[Balance, ...]  # balances not paid: below the minimum, zero or negative
+    carried: tuple[Balance, ...]  # balances not paid and not zero: below the minimum, or negative
 
     @property
     def total(self) -> dict[str, Decimal]:
@@ -186,7 +151,7 @@ def plan_batch(facts: Sequence[LedgerFact], earlier: Sequence[PaidLine], until: 
                                  and f.fact_id not in settled.get(key, ()))
             lines.append(PayoutLine(payout_id, balance.affiliate_id, balance.currency,
                                     balance.amount, balance.orders, fact_ids))
-        elif balance.amount != ZERO or balance.payable != ZERO:
+        elif balance.amount != ZERO:
             carried.append(balance)
     return Batch(payout_id, until, tuple(lines), tuple(carried))
 
