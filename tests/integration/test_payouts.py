@@ -205,3 +205,17 @@ def test_payout_commands_explain_themselves(command):
     result = subprocess.run([sys.executable, "-m", "attribution", *command, "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
+
+
+def test_paypal_file_has_one_line_per_payment_and_refuses_missing_emails():
+    from attribution.payouts import paypal_csv
+    from schemas.payouts import PayoutLine
+
+    lines = (PayoutLine("payout-2026-11-05", "sally", "EUR", D("80.00"), 1),
+             PayoutLine("payout-2026-11-05", "tom", "USD", D("55.10"), 2))
+    text = paypal_csv(lines, {"sally": "sally@example.com", "tom": "tom@example.com"}, "note, 1")
+    assert list(csv.reader(io.StringIO(text))) == [
+        ["sally@example.com", "80.00", "EUR", "payout-2026-11-05", "note, 1"],
+        ["tom@example.com", "55.10", "USD", "payout-2026-11-05", "note, 1"]]
+    with pytest.raises(LookupError, match="tom"):
+        paypal_csv(lines, {"sally": "sally@example.com"}, "")
