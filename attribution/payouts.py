@@ -145,7 +145,7 @@ def create(
     cut_off = _day(until, "--until")
     _format(fmt, ("table", "csv", "json"))
     try:
-        least = Decimal(minimum)
+        least = Decimal(minimum).quantize(Decimal("0.01"))
     except InvalidOperation as exc:
         raise _cli().fail(f"--minimum must be an amount, got {minimum!r}", 2) from exc
     if least < 0:

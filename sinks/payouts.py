@@ -193,7 +193,7 @@ def write_batch(execute: Executor, database: str, payout_id: str, until: date,
     if lines:
         values = ", ".join(
             f"({quote(line.payout_id)}, {quote(until.isoformat())}, {quote(line.affiliate_id)}, "
-            f"{quote(line.currency)}, toDecimal64({quote(str(line.amount))}, 2), {line.orders})"
+            f"{quote(line.currency)}, {line.amount:f}, {line.orders})"
             for line in lines)
         execute(f"INSERT INTO {database}.payout_lines "
                 f"(payout_id, until, affiliate_id, currency, amount, orders) VALUES {values}")
@@ -208,7 +208,7 @@ def _write_header(execute: Executor, database: str, payout_id: str, until: date,
         f"(payout_id, until, created_at, status, reference, minimum, currency, version) VALUES "
         f"({quote(payout_id)}, {quote(until.isoformat())}, "
         f"{quote(created_at.strftime('%Y-%m-%d %H:%M:%S'))}, {quote(status)}, {quote(reference)}, "
-        f"toDecimal64({quote(str(minimum))}, 2), {quote(currency)}, {STATUS_VERSION[status]})")
+        f"{minimum:f}, {quote(currency)}, {STATUS_VERSION[status]})")
 
 
 def mark_paid(execute: Executor, database: str, payout_id: str, reference: str) -> tuple[PayoutBatch, bool]:
