@@ -18,6 +18,7 @@ only. It must never be used for anything but tests. It never touches a process i
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -132,16 +133,22 @@ class CurrentClickHouse:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                # The port first: the driver logs a traceback for every refused connection.
+                # Not by a bind attempt (deploy.processes.is_listening): that could take the
+                # port in the instant the server binds it.
+                with socket.create_connection((self.host, self.tcp_port), timeout=2):
+                    pass
                 return self.probe()
             except Exception:
-                if self._process is None or self._process.poll() is not None:
-                    raise StackError(f"current ClickHouse exited: {self.last_error()}") from None
-                if time.monotonic() > deadline:
-                    raise StackError(
-                        f"current ClickHouse did not answer on {self.host}:{self.tcp_port}"
-                        f" within {timeout:.0f} s: {self.last_error()}"
-                    ) from None
-                time.sleep(0.3)
+                pass  # not listening, or not answering yet
+            if self._process is None or self._process.poll() is not None:
+                raise StackError(f"current ClickHouse exited: {self.last_error()}")
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"current ClickHouse did not answer on {self.host}:{self.tcp_port}"
+                    f" within {timeout:.0f} s: {self.last_error()}"
+                )
+            time.sleep(0.3)
 
     def probe(self) -> str:
         client = Client(self.host, port=self.tcp_port, connect_timeout=2, send_receive_timeout=5)

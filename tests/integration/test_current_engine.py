@@ -8,12 +8,14 @@ the queries of `attribution report` and `attribution codes`.
 
 from __future__ import annotations
 
+import urllib.request
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from deploy.current_clickhouse import CurrentClickHouse
 from integration.current_engine import current_server, current_target  # noqa: F401
 from schemas.config import ClickHouseTarget
 from schemas.events import Click, Review, Share
@@ -109,6 +111,18 @@ def reports(target: ClickHouseTarget) -> tuple[list[Any], list[Any]]:
     finally:
         client.disconnect()
     return sorted(report.rows, key=lambda r: (r.affiliate_id, r.channel, r.currency)), codes
+
+
+def test_the_current_server_is_26_9_on_loopback_over_both_protocols(
+    current_server: CurrentClickHouse,  # noqa: F811
+) -> None:
+    assert current_server.host == "127.0.0.1"
+    assert current_server.probe().startswith("26.9.")
+    # FORMAT given: chdb's HTTP answers CSV by default, a server TabSeparated.
+    url = (f"http://{current_server.host}:{current_server.http_port}/"
+           "?query=SELECT%20version()%20FORMAT%20TabSeparated")
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read().decode().startswith("26.9.")
 
 
 def test_every_migration_applies_once_on_the_current_server(
