@@ -4,8 +4,8 @@ The arithmetic is `streams.rules.payouts`' (pure; the command in attribution/pay
 two): this module only reads `commission_facts FINAL` and the payout tables, and writes what the
 rules decided. It must never decide what is owed. Every statement goes through an
 `Executor` (sinks.migrate), so the same SQL runs on the Debian 18.16 server (clickhouse_driver)
-and on current ClickHouse (chdb in tests). Values are inlined as escaped literals, not driver
-parameters, for that reason; rows read back may be typed (driver) or text (chdb) and are
+and on current ClickHouse (chdb in tests). Values in queries are inlined as escaped literals,
+not driver parameters, for that reason; inserted rows go as the Executor's `rows`; rows read back may be typed (driver) or text (chdb) and are
 converted here.
 
 A batch is written lines first, then its `payouts` row: the row is the batch's commit mark, so a
@@ -191,24 +191,20 @@ def write_batch(execute: Executor, database: str, payout_id: str, until: date,
                 currency: str) -> None:
     """Lines first, then the batch's `payouts` row (the commit mark: see the module docstring)."""
     if lines:
-        values = ", ".join(
-            f"({quote(line.payout_id)}, {quote(until.isoformat())}, {quote(line.affiliate_id)}, "
-            f"{quote(line.currency)}, {line.amount:f}, {line.orders})"
-            for line in lines)
         execute(f"INSERT INTO {database}.payout_lines "
-                f"(payout_id, until, affiliate_id, currency, amount, orders) VALUES {values}")
+                f"(payout_id, until, affiliate_id, currency, amount, orders) VALUES",
+                [(line.payout_id, until, line.affiliate_id, line.currency, line.amount, line.orders)
+                 for line in lines])
     _write_header(execute, database, payout_id, until, now, OPEN, "", minimum, currency)
 
 
 def _write_header(execute: Executor, database: str, payout_id: str, until: date,
                   created_at: datetime, status: str, reference: str, minimum: Decimal,
                   currency: str) -> None:
-    execute(
-        f"INSERT INTO {database}.payouts "
-        f"(payout_id, until, created_at, status, reference, minimum, currency, version) VALUES "
-        f"({quote(payout_id)}, {quote(until.isoformat())}, "
-        f"{quote(created_at.strftime('%Y-%m-%d %H:%M:%S'))}, {quote(status)}, {quote(reference)}, "
-        f"{minimum:f}, {quote(currency)}, {STATUS_VERSION[status]})")
+    execute(f"INSERT INTO {database}.payouts "
+            f"(payout_id, until, created_at, status, reference, minimum, currency, version) VALUES",
+            [(payout_id, until, created_at, status, reference, minimum, currency,
+              STATUS_VERSION[status])])
 
 
 def mark_paid(execute: Executor, database: str, payout_id: str, reference: str) -> tuple[PayoutBatch, bool]:
