@@ -146,6 +146,8 @@ def create(
     _format(fmt, ("table", "csv", "json"))
     try:
         least = Decimal(minimum).quantize(Decimal("0.01"))
+        if not least.is_finite():
+            raise InvalidOperation
     except InvalidOperation as exc:
         raise _cli().fail(f"--minimum must be an amount, got {minimum!r}", 2) from exc
     if least < 0:
