@@ -84,7 +84,10 @@ def _format(fmt: str, allowed: tuple[str, ...]) -> str:
 
 
 def _print_lines(title: str, lines: list[dict[str, object]]) -> None:
-    table = Table(title=title)
+    out.print(title)
+    if not lines:
+        return
+    table = Table()
     for column in ("affiliate_id", "currency", "amount", "orders"):
         table.add_column(column, justify="right" if column in ("amount", "orders") else "left")
     for line in lines:
