@@ -221,3 +221,15 @@ def test_statements_reconcile(facts, days, affiliate):
         for s in statements(affiliate, month, facts, earlier):
             assert s.closing_balance == (
                 s.opening_balance + s.approved + s.adjustments - s.payouts), (month, s)
+
+
+def test_a_clawback_in_a_later_month_is_an_adjustment_of_that_month():
+    facts = approved_order("o1", "80.00", NOV, datetime(2026, 11, 20))
+    earlier = paid(plan_batch(facts, [], date(2026, 11, 25)).lines, date(2026, 11, 25))
+    facts.append(fact("o1", "reversal", "-30.00", datetime(2026, 12, 3), status="clawback"))
+    (nov,) = statements("sally", "2026-11", facts, earlier)
+    (dec,) = statements("sally", "2026-12", facts, earlier)
+    assert (nov.approved, nov.payouts, nov.closing_balance) == (D("80.00"), D("80.00"), D("0.00"))
+    assert (dec.opening_balance, dec.clawbacks, dec.adjustments, dec.closing_balance) == (
+        D("0.00"), D("-30.00"), D("-30.00"), D("-30.00"))
+    assert dec.orders[0].net == D("50.00")
