@@ -135,6 +135,27 @@ def said(result: subprocess.CompletedProcess[str]) -> str:
     return " ".join(result.stderr.split())
 
 
+from integration.current_engine import current_server, current_target  # noqa: E402,F401
+
+
+@pytest.mark.integration
+def test_payout_queries_on_the_current_server_over_the_native_protocol(current_target):  # noqa: F811
+    """As the CLI speaks to a production server: clickhouse_driver against ClickHouse 26.9."""
+    from sinks.clickhouse import connect
+    from sinks.migrate import migrate_server
+
+    migrate_server(current_target)
+    client = connect(current_target)
+
+    def execute(sql: str, rows=None):
+        return client.execute(sql, rows) if rows is not None else client.execute(sql)
+
+    try:
+        check_payout_queries(execute, current_target.database)
+    finally:
+        client.disconnect()
+
+
 def attribution(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "attribution", *args], env=env,
                           capture_output=True, text=True, timeout=300)
