@@ -11,7 +11,6 @@ server it did not start, and deletes data only when asked to purge.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -24,11 +23,10 @@ from clickhouse_driver import Client
 
 from deploy.errors import StackError
 from deploy.processes import ManagedProcess, is_listening, last_error_line
+from deploy.tls import ensure_server_certificate
 
 TEMPLATES = Path(__file__).resolve().parent / "clickhouse"
 SERVER_BINARY = Path("/usr/sbin/clickhouse-server")
-#: Ten years: a dev box's CA and certificate should not expire under a long-lived stack root.
-TLS_DAYS = 3650
 PACKAGES = ("clickhouse-server", "clickhouse-client")
 #: `apt-get update` plus ~60 MB of packages; generous for a slow mirror, but never endless.
 _APT_TIMEOUT_SECONDS = 900.0
@@ -133,7 +131,8 @@ class ClickHouseServer:
 
     def _tls_config(self) -> str:
         """`<tcp_port_secure>` and the server's certificate, made first if absent."""
-        certificate, key = self._ensure_certificate()
+        made = ensure_server_certificate(self.tls_dir, self.host, "server")
+        certificate, key = made.certificate, made.key
         return (
             f"<tcp_port_secure>{self.tls_port}</tcp_port_secure>\n"
             "    <openSSL>\n"
@@ -149,44 +148,6 @@ class ClickHouseServer:
             "        </server>\n"
             "    </openSSL>"
         )
-
-    def _ensure_certificate(self) -> tuple[Path, Path]:
-        """A CA (`ca.pem`) and a server certificate it signs for localhost and 127.0.0.1."""
-        certificate, key = self.tls_dir / "server.pem", self.tls_dir / "server.key"
-        if certificate.exists() and key.exists() and self.ca_file.exists():
-            return certificate, key
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise StackError("the TLS port of the local ClickHouse needs the `openssl` command"
-                             " (Debian: apt-get install openssl)")
-        self.tls_dir.mkdir(parents=True, exist_ok=True)
-        ca_key, request, extensions = (self.tls_dir / name for name in ("ca.key", "server.csr", "server.ext"))
-        extensions.write_text(
-            "basicConstraints = critical, CA:FALSE\n"
-            "keyUsage = critical, digitalSignature, keyEncipherment\n"
-            "extendedKeyUsage = serverAuth\n"
-            f"subjectAltName = {', '.join(_names_for(self.host))}\n"
-            "authorityKeyIdentifier = keyid\n"
-        )
-        days = str(TLS_DAYS)
-        for command in (
-            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", self.ca_file,
-             "-days", days, "-subj", "/CN=attribution local stack CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
-             "-subj", "/CN=localhost"],
-            ["x509", "-req", "-in", request, "-CA", self.ca_file, "-CAkey", ca_key,
-             "-CAcreateserial", "-days", days, "-extfile", extensions, "-out", certificate],
-        ):
-            done = subprocess.run([openssl, *map(str, command)], capture_output=True, text=True,
-                                  timeout=60)
-            if done.returncode != 0:
-                cause = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise StackError(f"openssl {command[0]} failed (exit {done.returncode}): {cause}")
-        for private in (ca_key, key):
-            private.chmod(0o600)
-        return certificate, key
 
     def start(self, binary: Path) -> int:
         return self.process.start([str(binary), f"--config-file={self.config_file}"], cwd=self.home)
@@ -227,14 +188,3 @@ class ClickHouseServer:
             client.disconnect()
         return rows
 
-
-def _names_for(host: str) -> list[str]:
-    """The certificate's subject alternative names: loopback, and `host` if it is another."""
-    names = ["DNS:localhost", "IP:127.0.0.1", "IP:::1"]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        names.append(f"DNS:{host}")
-    else:
-        names.append(f"IP:{address}")
-    return list(dict.fromkeys(names))
