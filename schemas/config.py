@@ -208,41 +208,18 @@ class Config(BaseSettings):
     @field_validator("pii_key_from_file", mode="before")
     @classmethod
     def _pii_key_file_is_read(cls, value: object, info: ValidationInfo) -> object:
-        path = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if path is None or (isinstance(path, str) and not path.strip()):
-            return None
-        if info.data.get("pii_key_secret") is not None:
-            raise ValueError("PII_KEY and PII_KEY_FILE are both set; give one")
-        try:
-            text = Path(str(path)).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ValueError(f"cannot read {path}: {reason}") from None
-        if not text.strip():
-            raise ValueError(f"{path} is empty")
-        return _checked_pii_key(text, f"the key in {path}")
+        return _secret_from_file(value, info, "pii_key_secret", "PII_KEY", "the key")
 
     @field_validator("edge_secret_value")
     @classmethod
     def _edge_secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        return _checked_secret(value.get_secret_value(), "EDGE_SECRET") if value is not None else None
+        # A shared secret is held to the same minimum as the PII key.
+        return _checked_pii_key(value.get_secret_value(), "EDGE_SECRET") if value is not None else None
 
     @field_validator("edge_secret_from_file", mode="before")
     @classmethod
     def _edge_secret_file_is_read(cls, value: object, info: ValidationInfo) -> object:
-        path = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if path is None or (isinstance(path, str) and not path.strip()):
-            return None
-        if info.data.get("edge_secret_value") is not None:
-            raise ValueError("EDGE_SECRET and EDGE_SECRET_FILE are both set; give one")
-        try:
-            text = Path(str(path)).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ValueError(f"cannot read {path}: {reason}") from None
-        if not text.strip():
-            raise ValueError(f"{path} is empty")
-        return _checked_secret(text, f"the secret in {path}")
+        return _secret_from_file(value, info, "edge_secret_value", "EDGE_SECRET", "the secret")
 
     @field_validator("edge_trusted_proxies")
     @classmethod
@@ -314,9 +291,23 @@ class Config(BaseSettings):
 MIN_PII_KEY_LENGTH = 16
 
 
-def _checked_secret(text: str, what: str) -> SecretStr | None:
-    """A shared secret (EDGE_SECRET) is held to the same minimum as the PII key."""
-    return _checked_pii_key(text, what)
+def _secret_from_file(value: object, info: ValidationInfo, direct_field: str, variable: str,
+                      noun: str) -> SecretStr | None:
+    """`<variable>_FILE`'s content as the secret (read once, here), checked like `<variable>`;
+    None when unset. Both given, an unreadable or empty file: a ValueError naming the file."""
+    path = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if path is None or (isinstance(path, str) and not path.strip()):
+        return None
+    if info.data.get(direct_field) is not None:
+        raise ValueError(f"{variable} and {variable}_FILE are both set; give one")
+    try:
+        text = Path(str(path)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read {path}: {reason}") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return _checked_pii_key(text, f"{noun} in {path}")
 
 
 def _checked_pii_key(text: str, what: str) -> SecretStr | None:
