@@ -168,7 +168,8 @@ def db_migrate(
 
     Without SQL access control (18.16), or the right to create roles, it prints them to apply.
     """
-    from sinks.migrate import ensure_roles_server, migrate_server, roles_sql, roles_users_xml
+    from sinks.migrate import (SchemaOptions, ensure_roles_server, migrate_server, roles_sql,
+                               roles_users_xml)
 
     config = load_config()
     database = config.clickhouse.database
@@ -178,7 +179,8 @@ def db_migrate(
         typer.echo(roles_sql(database) if print_roles else roles_users_xml(database), nl=False)
         return
     try:
-        applied = migrate_server(config.clickhouse, progress=lambda line: console.print(line))
+        applied = migrate_server(config.clickhouse, progress=lambda line: console.print(line),
+                                 options=SchemaOptions.from_config(config))
         roles = ensure_roles_server(config.clickhouse)
     except Exception as exc:  # connection refused, auth...: one line, not a traceback
         raise fail(f"migration against {config.clickhouse!r} failed: {exc}") from exc

@@ -152,6 +152,15 @@ class Config(BaseSettings):
     edge_spool_dir: Path = Field(Path(".stack/edge-spool"), validation_alias="EDGE_SPOOL_DIR")
     edge_spool_max_bytes: int = Field(1 << 30, ge=1 << 20, validation_alias="EDGE_SPOOL_MAX_BYTES")
 
+    # The ClickHouse schema (sinks/migrate.py SchemaOptions; applied by `db migrate`, on servers
+    # with TTL): raw clicks and identifying columns expire after so many days (0: never); how
+    # often current servers refresh the rollup that `report` and dashboards read.
+    clickhouse_clicks_ttl_days: int = Field(400, ge=0, le=36_500,
+                                            validation_alias="CLICKHOUSE_CLICKS_TTL_DAYS")
+    clickhouse_pii_ttl_days: int = Field(400, ge=0, le=36_500,
+                                         validation_alias="CLICKHOUSE_PII_TTL_DAYS")
+    rollup_refresh_seconds: int = Field(60, ge=1, le=86_400, validation_alias="ROLLUP_REFRESH_SECONDS")
+
     # Project settings beyond the contract.
     partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")
     replication_factor: int = Field(1, ge=1, validation_alias="ATTRIBUTION_REPLICATION_FACTOR")
