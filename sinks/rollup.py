@@ -1,0 +1,413 @@
+"""The rollup `affiliate_channel_daily_totals`: one row per day x affiliate x channel x currency,
+which `attribution report` and dashboards read instead of four `FINAL` scans of raw rows.
+
+It stays exact under replays because it is never summed into: every refresh recomputes whole
+stretches of it from the sources with `FINAL` (each logical row once) and swaps them in.
+
+- Current servers (refreshable materialized views): the view
+  `affiliate_channel_daily_totals_refresh` (migration 0007) recomputes the whole table every
+  `ROLLUP_REFRESH_SECONDS` and replaces it atomically. Days past the click horizon (raw clicks
+  expire after `CLICKHOUSE_CLICKS_TTL_DAYS`) are closed: their clicks are the table's own.
+- 18.16 (no refreshable views): `refresh` rebuilds the stale months one partition each, into a
+  staging table, swapped in by `REPLACE PARTITION`, and marks the month in `rollup_refreshes`
+  with the rebuild's start. A month is stale when a source part of it was written at or after
+  that start (a replay writes parts, so it is rebuilt, and FINAL collapses the replay).
+
+This module must never add rows to the rollup outside a full recompute of their month (or the
+whole table): an increment would count a replay twice.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .migrate import Dialect, Executor, SchemaOptions
+
+TOTALS = "affiliate_channel_daily_totals"
+#: The refreshable materialized view that fills TOTALS on current servers.
+REFRESH_VIEW = "affiliate_channel_daily_totals_refresh"
+#: 18.16's record of month rebuilds: (month YYYYMM, started_at); the latest per month counts.
+MARKS = "rollup_refreshes"
+#: The tables the rollup is computed from; all are partitioned by month (toYYYYMM of their time).
+SOURCES = ("clicks", "shares", "attributed_orders", "commission_facts")
+COLUMNS = ("day", "affiliate_id", "channel", "currency", "clicks", "shares", "orders", "revenue",
+           "net_commission", "pending", "approved", "held")
+
+#: Server error codes that mean the connected user may not write (e.g. the `bi` user):
+#: 164 READONLY, 392 QUERY_IS_PROHIBITED (18.16's allow_ddl = 0), 497 ACCESS_DENIED.
+READ_ONLY_CODES = frozenset({164, 392, 497})
+
+_REFRESH_PERIOD = re.compile(r"REFRESH\s+EVERY\s+(\d+)\s+(SECOND|MINUTE|HOUR|DAY|WEEK)S?\b", re.I)
+_UNIT_SECONDS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86_400, "WEEK": 604_800}
+
+
+# --- Pure pieces: months, staleness, SQL ---------------------------------------------------------
+
+
+def month_of(day: date) -> int:
+    """The month partition a day belongs to, as toYYYYMM writes it (e.g. 202611)."""
+    return day.year * 100 + day.month
+
+
+def month_start(month: int) -> date:
+    year, number = divmod(month, 100)
+    if not (1 <= number <= 12 and 1970 <= year <= 2299):
+        raise ValueError(f"not a month YYYYMM: {month}")
+    return date(year, number, 1)
+
+
+def next_month(month: int) -> int:
+    year, number = divmod(month, 100)
+    return (year + 1) * 100 + 1 if number == 12 else month + 1
+
+
+def format_month(month: int) -> str:
+    return f"{month // 100:04d}-{month % 100:02d}"
+
+
+def parse_partition(partition: str) -> int:
+    """A source part's `partition` (toYYYYMM: '202611'; some servers quote it) as a month."""
+    text = partition.strip().strip("'\"")
+    if not re.fullmatch(r"\d{6}", text):
+        raise ValueError(f"partition {partition!r} is not a month (toYYYYMM); the rollup's "
+                         "rebuild assumes every source is partitioned by month")
+    month = int(text)
+    month_start(month)  # validates
+    return month
+
+
+@dataclass(frozen=True)
+class MonthRange:
+    """Months first..last inclusive (YYYYMM)."""
+
+    first: int
+    last: int
+
+    @classmethod
+    def of_days(cls, since: date, until: date) -> "MonthRange":
+        return cls(month_of(since), month_of(until))
+
+    def __contains__(self, month: object) -> bool:
+        return isinstance(month, int) and self.first <= month <= self.last
+
+
+def stale_months(
+    source_changes: Mapping[int, int],
+    marks: Mapping[int, int],
+    built: Iterable[int] = (),
+    within: MonthRange | None = None,
+) -> list[int]:
+    """The months to rebuild, oldest first.
+
+    `source_changes`: month -> latest modification of an active source part (epoch seconds);
+    `marks`: month -> start of its latest rebuild; `built`: months the rollup has rows in.
+    A month is stale when never built, when a source part changed at or after its last rebuild's
+    start (seconds granularity: the same second counts, over-rebuilding is harmless), or when the
+    rollup has rows for it but its sources have none left (dropped partitions).
+    """
+    stale = set()
+    for month, changed in source_changes.items():
+        started = marks.get(month)
+        if started is None or changed >= started:
+            stale.add(month)
+    stale.update(month for month in built if month not in source_changes)
+    return sorted(month for month in stale if within is None or month in within)
+
+
+def click_horizon_sql(clicks_ttl_days: str | int) -> str:
+    """The first day whose clicks are still all in `clicks` (a Date expression): two days inside
+    the TTL, so the refreshes of a whole day see its clicks before they start to expire."""
+    return (f"if({clicks_ttl_days} = 0, toDate('1970-01-01'), "
+            f"today() - {clicks_ttl_days} + 2)")
+
+
+def totals_select(database: str, *, month: int | None = None,
+                  click_horizon: str | None = None) -> str:
+    """The rollup recomputed from its sources with FINAL, columns in COLUMNS' order.
+
+    `month`: only that month (each source's partition). `click_horizon`: a Date expression;
+    clicks of days before it are read from the rollup itself (raw clicks may have expired).
+    Money goes by the order's day, like the view `affiliate_channel_daily`; pending, approved and
+    held per order as `sinks.report` always had them: approved once the order has an approval
+    fact, else its accrual's status.
+    """
+    def where(column: str) -> str:
+        return f"WHERE toYYYYMM({column}) = {month}" if month is not None else ""
+
+    clicks_where = where("ts")
+    kept_clicks = ""
+    if click_horizon is not None:
+        clicks_where = (f"{clicks_where} AND " if clicks_where else "WHERE ") + (
+            f"toDate(ts) >= {click_horizon}")
+        kept_clicks = f"""
+    SELECT day, affiliate_id, channel, currency,
+           toUInt64(clicks) AS clicks_n, toUInt64(0) AS shares_n, toUInt64(0) AS orders_n,
+           toDecimal128(0, 2) AS revenue_d, toDecimal128(0, 2) AS net_d,
+           toDecimal128(0, 2) AS pending_d, toDecimal128(0, 2) AS approved_d,
+           toDecimal128(0, 2) AS held_d
+    FROM {database}.{TOTALS}
+    WHERE day < {click_horizon} AND clicks > 0
+    UNION ALL"""
+    return f"""SELECT
+    day, affiliate_id, channel, currency,
+    sum(clicks_n)   AS clicks,
+    sum(shares_n)   AS shares,
+    sum(orders_n)   AS orders,
+    sum(revenue_d)  AS revenue,
+    sum(net_d)      AS net_commission,
+    sum(pending_d)  AS pending,
+    sum(approved_d) AS approved,
+    sum(held_d)     AS held
+FROM
+({kept_clicks}
+    SELECT toDate(ts) AS day, affiliate_id, channel, '' AS currency,
+           toUInt64(count()) AS clicks_n, toUInt64(0) AS shares_n, toUInt64(0) AS orders_n,
+           toDecimal128(0, 2) AS revenue_d, toDecimal128(0, 2) AS net_d,
+           toDecimal128(0, 2) AS pending_d, toDecimal128(0, 2) AS approved_d,
+           toDecimal128(0, 2) AS held_d
+    FROM {database}.clicks FINAL
+    {clicks_where}
+    GROUP BY day, affiliate_id, channel
+    UNION ALL
+    SELECT toDate(ts) AS day, affiliate_id, channel, '' AS currency,
+           toUInt64(0) AS clicks_n, toUInt64(count()) AS shares_n, toUInt64(0) AS orders_n,
+           toDecimal128(0, 2) AS revenue_d, toDecimal128(0, 2) AS net_d,
+           toDecimal128(0, 2) AS pending_d, toDecimal128(0, 2) AS approved_d,
+           toDecimal128(0, 2) AS held_d
+    FROM {database}.shares FINAL
+    {where("ts")}
+    GROUP BY day, affiliate_id, channel
+    UNION ALL
+    SELECT toDate(ts) AS day, affiliate_id, channel, currency,
+           toUInt64(0) AS clicks_n, toUInt64(0) AS shares_n, toUInt64(count()) AS orders_n,
+           toDecimal128(sum(total), 2) AS revenue_d, toDecimal128(0, 2) AS net_d,
+           toDecimal128(0, 2) AS pending_d, toDecimal128(0, 2) AS approved_d,
+           toDecimal128(0, 2) AS held_d
+    FROM {database}.attributed_orders FINAL
+    {where("ts")}
+    GROUP BY day, affiliate_id, channel, currency
+    UNION ALL
+    SELECT toDate(order_ts) AS day, affiliate_id, channel, currency,
+           toUInt64(0) AS clicks_n, toUInt64(0) AS shares_n, toUInt64(0) AS orders_n,
+           toDecimal128(0, 2) AS revenue_d, toDecimal128(order_net, 2) AS net_d,
+           toDecimal128(if(order_state = 'pending', order_net, toDecimal128(0, 2)), 2) AS pending_d,
+           toDecimal128(if(order_state = 'approved', order_net, toDecimal128(0, 2)), 2) AS approved_d,
+           toDecimal128(if(order_state = 'held', order_net, toDecimal128(0, 2)), 2) AS held_d
+    FROM
+    (
+        SELECT order_id, affiliate_id, channel, currency, order_ts,
+               sum(amount) AS order_net,
+               if(countIf(kind = 'approval') > 0, 'approved',
+                  anyIf(status, kind = 'accrual')) AS order_state
+        FROM {database}.commission_facts FINAL
+        {where("order_ts")}
+        GROUP BY order_id, affiliate_id, channel, currency, order_ts
+    )
+)
+GROUP BY day, affiliate_id, channel, currency"""
+
+
+# --- Executing: 18.16's month rebuilds, current servers' view -----------------------------------
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _int(value: object) -> int:
+    return int(str(value))
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What `refresh` did: the months it rebuilt (18.16), or whether it refreshed the view."""
+
+    rebuilt: list[int] = field(default_factory=list)
+    view_refreshed: bool = False
+
+
+def _source_changes(execute: "Executor", database: str) -> dict[int, int]:
+    tables = ", ".join(_literal(table) for table in SOURCES)
+    rows = execute(
+        f"SELECT partition, toUnixTimestamp(max(modification_time)) FROM system.parts "
+        f"WHERE database = {_literal(database)} AND table IN ({tables}) AND active "
+        f"GROUP BY partition"
+    )
+    changes: dict[int, int] = {}
+    for partition, changed in rows:
+        month = parse_partition(str(partition))
+        changes[month] = max(changes.get(month, 0), _int(changed))
+    return changes
+
+
+def _marks(execute: "Executor", database: str) -> dict[int, int]:
+    rows = execute(f"SELECT month, toUnixTimestamp(max(started_at)) FROM {database}.{MARKS} "
+                   f"GROUP BY month")
+    return {_int(month): _int(started) for month, started in rows}
+
+
+def _built_months(execute: "Executor", database: str) -> set[int]:
+    rows = execute(f"SELECT DISTINCT partition FROM system.parts WHERE database = "
+                   f"{_literal(database)} AND table = {_literal(TOTALS)} AND active")
+    return {parse_partition(str(partition)) for (partition,) in rows}
+
+
+def _server_now(execute: "Executor") -> int:
+    return _int(execute("SELECT toUnixTimestamp(now())")[0][0])
+
+
+def rebuild_month(execute: "Executor", database: str, month: int) -> int:
+    """Recompute one month of the rollup and swap it in; returns the rebuild's start (epoch s).
+
+    The start is read from the server before the SELECT: a part written after it is newer than
+    the mark, so its month is stale again at the next refresh.
+    """
+    started = _server_now(execute)
+    staging = f"{database}.{TOTALS}_staging_{month}_{uuid.uuid4().hex[:8]}"
+    execute(f"CREATE TABLE {staging} AS {database}.{TOTALS}")
+    try:
+        execute(f"INSERT INTO {staging} ({', '.join(COLUMNS)}) "
+                f"{totals_select(database, month=month)}")
+        # Atomic per partition; from an empty staging partition it empties the rollup's.
+        execute(f"ALTER TABLE {database}.{TOTALS} REPLACE PARTITION {month} FROM {staging}")
+    finally:
+        execute(f"DROP TABLE IF EXISTS {staging}")
+    execute(f"INSERT INTO {database}.{MARKS} (month, started_at) "
+            f"SELECT {month}, toDateTime({started})")
+    return started
+
+
+def has_refresh_view(execute: "Executor", database: str) -> bool:
+    rows = execute(f"SELECT count() FROM system.tables WHERE database = {_literal(database)} "
+                   f"AND name = {_literal(REFRESH_VIEW)}")
+    return bool(_int(rows[0][0]))
+
+
+def _view_last_start(execute: "Executor", database: str) -> int | None:
+    """Start of the view's latest successful refresh (epoch s), None before the first."""
+    rows = execute(
+        f"SELECT toUnixTimestamp(last_success_time) FROM system.view_refreshes "
+        f"WHERE database = {_literal(database)} AND view = {_literal(REFRESH_VIEW)} "
+        f"AND last_success_time IS NOT NULL"
+    )
+    return _int(rows[0][0]) if rows and rows[0][0] not in (None, "\\N") else None
+
+
+def refresh(
+    execute: "Executor",
+    database: str,
+    *,
+    within: MonthRange | None = None,
+    force: bool = False,
+    dialect: "Dialect | None" = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> RefreshResult:
+    """Bring the rollup up to date for the months `within` (all when None).
+
+    18.16: rebuild each stale month (every month with `force`). Current servers: refresh the
+    view and wait for it when a source changed since its last refresh started (always with
+    `force`); the view recomputes every month, so `within` does not narrow it.
+    """
+    from .migrate import Dialect
+
+    dialect = dialect or Dialect.detect(execute)
+    if dialect.refreshable_views:
+        return RefreshResult(view_refreshed=_refresh_view(execute, database, force, progress))
+    changes = _source_changes(execute, database)
+    marks = _marks(execute, database)
+    built = _built_months(execute, database)
+    if force:
+        months = sorted(m for m in set(changes) | built if within is None or m in within)
+    else:
+        months = stale_months(changes, marks, built, within)
+    for month in months:
+        begun = time.monotonic()
+        rebuild_month(execute, database, month)
+        progress(f"rebuilt {format_month(month)} in {time.monotonic() - begun:.1f} s")
+    return RefreshResult(rebuilt=months)
+
+
+def _refresh_view(execute: "Executor", database: str, force: bool,
+                  progress: Callable[[str], None]) -> bool:
+    last_start = _view_last_start(execute, database)
+    if not force and last_start is not None:
+        changed = max(_source_changes(execute, database).values(), default=None)
+        if changed is None or changed < last_start:
+            return False
+    begun = time.monotonic()
+    view = f"{database}.{REFRESH_VIEW}"
+    execute(f"SYSTEM REFRESH VIEW {view}")
+    execute(f"SYSTEM WAIT VIEW {view}")
+    progress(f"refreshed {REFRESH_VIEW} in {time.monotonic() - begun:.1f} s")
+    return True
+
+
+def refreshed_at(execute: "Executor", database: str, within: MonthRange | None = None,
+                 dialect: "Dialect | None" = None) -> datetime | None:
+    """When the rollup's oldest part for `within` was last recomputed (UTC); None if never."""
+    from .migrate import Dialect
+
+    dialect = dialect or Dialect.detect(execute)
+    if dialect.refreshable_views:
+        started = _view_last_start(execute, database)
+    else:
+        months = {m: s for m, s in _marks(execute, database).items() if within is None or m in within}
+        needed = {m for m in _source_changes(execute, database) if within is None or m in within}
+        if needed - set(months):
+            return None
+        started = min(months.values(), default=None)
+    return datetime.fromtimestamp(started, timezone.utc) if started is not None else None
+
+
+def cannot_write(error: BaseException) -> bool:
+    """Whether `error` is the server refusing a write to a read-only user."""
+    return getattr(error, "code", None) in READ_ONLY_CODES
+
+
+# --- After every `db migrate` --------------------------------------------------------------------
+
+
+def refresh_period_seconds(create_query: str) -> int | None:
+    """The period of a refreshable view from its `create_table_query` (the server writes 60
+    SECOND back as 1 MINUTE)."""
+    match = _REFRESH_PERIOD.search(create_query)
+    if not match:
+        return None
+    return int(match[1]) * _UNIT_SECONDS[match[2].upper()]
+
+
+def reconcile(execute: "Executor", database: str, dialect: "Dialect", options: "SchemaOptions",
+              progress: Callable[[str], None] = lambda _: None) -> None:
+    """Make the view's refresh period ROLLUP_REFRESH_SECONDS (current servers; 18.16: nothing)."""
+    if not dialect.refreshable_views:
+        return
+    rows = execute(f"SELECT create_table_query FROM system.tables WHERE database = "
+                   f"{_literal(database)} AND name = {_literal(REFRESH_VIEW)}")
+    if not rows:
+        return
+    period = refresh_period_seconds(str(rows[0][0]))
+    if period != options.rollup_refresh_seconds:
+        statement = (f"ALTER TABLE {database}.{REFRESH_VIEW} "
+                     f"MODIFY REFRESH EVERY {options.rollup_refresh_seconds} SECOND")
+        progress(f"  {statement.removeprefix(f'ALTER TABLE {database}.')}")
+        execute(statement)
+
+
+def run_every(seconds: float, round_: Callable[[], None], on_error: Callable[[Exception], None],
+              sleep: Callable[[float], None] = time.sleep) -> None:
+    """Run `round_` every `seconds` until interrupted; a failed round is reported, not fatal
+    (the server may be restarting), and the next one runs on time."""
+    while True:
+        begun = time.monotonic()
+        try:
+            round_()
+        except Exception as exc:  # noqa: BLE001 - a service keeps going; the error is printed
+            on_error(exc)
+        sleep(max(0.0, seconds - (time.monotonic() - begun)))

@@ -1,0 +1,155 @@
+"""The rollup's pure pieces without a server: months, which months are stale, the refresh period
+of a view, and that migration 0007's view recomputes what `sinks.rollup.totals_select` does. The
+rebuilds themselves run on both ClickHouse servers in tests/integration/test_rollup.py."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sinks.migrate import available_migrations
+from sinks.rollup import (
+    MonthRange,
+    click_horizon_sql,
+    format_month,
+    month_of,
+    month_start,
+    next_month,
+    parse_partition,
+    refresh_period_seconds,
+    run_every,
+    stale_months,
+    totals_select,
+)
+
+months = st.dates(date(1990, 1, 1), date(2200, 12, 31)).map(month_of)
+
+
+def test_a_day_belongs_to_its_month_as_to_yyyymm_writes_it() -> None:
+    assert month_of(date(2026, 11, 30)) == 202611
+    assert month_of(date(2027, 1, 1)) == 202701
+    assert format_month(202611) == "2026-11"
+    assert month_start(202611) == date(2026, 11, 1)
+
+
+@given(months)
+def test_the_next_month_starts_the_day_after_the_month_ends(month: int) -> None:
+    following = next_month(month)
+    assert following > month
+    assert month_of(month_start(following)) == following
+    assert (month_start(following) - month_start(month)).days in (28, 29, 30, 31)
+
+
+def test_a_month_number_outside_the_calendar_is_refused() -> None:
+    with pytest.raises(ValueError):
+        month_start(202613)
+    with pytest.raises(ValueError):
+        month_start(202600)
+
+
+def test_a_part_partition_is_read_as_its_month_quoted_or_not() -> None:
+    assert parse_partition("202611") == 202611
+    assert parse_partition("'202611'") == 202611
+    with pytest.raises(ValueError, match="not a month"):
+        parse_partition("tuple()")
+
+
+def test_a_month_range_of_days_holds_the_months_they_touch() -> None:
+    within = MonthRange.of_days(date(2026, 10, 31), date(2026, 12, 1))
+    assert [m for m in (202609, 202610, 202611, 202612, 202701) if m in within] == [
+        202610, 202611, 202612]
+
+
+def test_a_month_never_built_is_stale() -> None:
+    assert stale_months({202611: 100}, {}) == [202611]
+
+
+def test_a_source_part_written_in_the_second_the_rebuild_began_makes_it_stale_again() -> None:
+    # Seconds granularity: the part may have landed just after the rebuild's SELECT began.
+    assert stale_months({202611: 100}, {202611: 100}) == [202611]
+    assert stale_months({202611: 99}, {202611: 100}) == []
+    assert stale_months({202611: 101}, {202611: 100}) == [202611]
+
+
+def test_a_month_whose_sources_are_gone_is_rebuilt_to_empty() -> None:
+    assert stale_months({}, {202610: 100}, built={202610}) == [202610]
+    # Once rebuilt empty it has no rows and no sources: nothing to do.
+    assert stale_months({}, {202610: 100}, built=set()) == []
+
+
+def test_only_months_within_the_range_are_rebuilt() -> None:
+    changes = {202609: 300, 202610: 300, 202611: 300}
+    assert stale_months(changes, {}, within=MonthRange(202610, 202611)) == [202610, 202611]
+
+
+@given(st.dictionaries(months, st.integers(0, 10**9)), st.dictionaries(months, st.integers(0, 10**9)))
+def test_a_month_is_never_left_stale_a_source_changed_after_its_rebuild_began(
+    changes: dict[int, int], marks: dict[int, int],
+) -> None:
+    stale = set(stale_months(changes, marks))
+    for month, changed in changes.items():
+        if month not in marks or changed >= marks[month]:
+            assert month in stale
+        else:
+            assert month not in stale
+    assert stale <= set(changes)
+    assert sorted(stale) == stale_months(changes, marks)
+
+
+def test_the_refresh_period_is_read_back_whatever_unit_the_server_writes_it_in() -> None:
+    assert refresh_period_seconds("CREATE MATERIALIZED VIEW d.v REFRESH EVERY 1 MINUTE TO d.t") == 60
+    assert refresh_period_seconds("... REFRESH EVERY 90 SECOND TO d.t ...") == 90
+    assert refresh_period_seconds("... REFRESH EVERY 2 HOUR TO d.t ...") == 7200
+    assert refresh_period_seconds("CREATE VIEW d.v AS SELECT 1") is None
+
+
+def test_one_month_is_recomputed_from_each_source_partition_of_that_month() -> None:
+    sql = totals_select("db", month=202611)
+    assert sql.count("FINAL") == 4
+    assert sql.count("WHERE toYYYYMM(ts) = 202611") == 3
+    assert "WHERE toYYYYMM(order_ts) = 202611" in sql
+    assert "affiliate_channel_daily_totals" not in sql  # 18.16: no horizon, never reads itself
+
+
+def test_past_the_click_horizon_the_clicks_are_the_rollups_own() -> None:
+    horizon = click_horizon_sql(400)
+    sql = totals_select("db", click_horizon=horizon)
+    assert f"FROM db.affiliate_channel_daily_totals\n    WHERE day < {horizon}" in sql
+    assert f"FROM db.clicks FINAL\n    WHERE toDate(ts) >= {horizon}" in sql
+    assert "toYYYYMM" not in sql
+
+
+def _squeeze(sql: str) -> str:
+    return re.sub(r"\s+", " ", sql).strip()
+
+
+def test_migration_0007s_view_recomputes_what_totals_select_does() -> None:
+    (migration,) = [m for m in available_migrations() if m.name == "rollup"]
+    view = migration.sql.split("TO {db}.affiliate_channel_daily_totals\nAS\n", 1)[1]
+    expected = totals_select("{db}", click_horizon=click_horizon_sql("{clicks_ttl_days}"))
+    assert _squeeze(view).rstrip(";").strip() == _squeeze(expected)
+
+
+def test_a_failed_round_of_the_service_is_reported_and_the_next_one_runs() -> None:
+    rounds: list[int] = []
+    errors: list[str] = []
+    sleeps: list[float] = []
+
+    def round_() -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("server restarting")
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_every(5.0, round_, lambda exc: errors.append(str(exc)), sleep)
+    assert len(rounds) == 3 and errors == ["server restarting"]
+    assert all(0 <= s <= 5.0 for s in sleeps)
