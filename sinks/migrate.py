@@ -344,8 +344,10 @@ def ttl_statements(execute: Executor, database: str, options: SchemaOptions) -> 
         query = _create_query(execute, database, table)
         types = _column_types(execute, database, table)
         for column in columns:
-            found = re.search(rf"`?{column}`? [^\n,]*? TTL (.+?)(?:,\n|\n|,$|$)", query)
-            current = found[1].strip().rstrip(",") if found else ""
+            # one line in system.tables: "`visitor_id` String TTL ts + toIntervalDay(400), `…"
+            found = re.search(rf"`?\b{column}`? [^,`]*? TTL (.+?)(?=, `|,\s*\n|\n|\)\s*ENGINE)",
+                              query)
+            current = found[1].strip() if found else ""
             if options.pii_ttl_days and current != _ttl(options.pii_ttl_days):
                 statements.append(f"ALTER TABLE {database}.{table} MODIFY COLUMN {column} "
                                   f"{types[column]} TTL {_ttl(options.pii_ttl_days)}")
