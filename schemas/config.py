@@ -22,6 +22,9 @@ DEAD_LETTERS_TOPIC = "dead-letters"
 REFERENCE_TOPICS = ("ref-programs", "ref-affiliates", "ref-settings")
 #: Internal topics the worker owns: visitor-keyed clicks+orders, order-keyed ledger input.
 VISITOR_EVENTS_TOPIC = "visitor-events"
+#: An `attribution forget` request on `visitor-events` (streams/forget.py): the worker erases the
+#: visitor's touches.
+FORGET_TYPE = "forget"
 LEDGER_EVENTS_TOPIC = "ledger-events"
 #: Decided orders that used a discount code, keyed by the normalised code (code velocity).
 CODE_EVENTS_TOPIC = "code-events"

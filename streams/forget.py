@@ -20,11 +20,9 @@ from datetime import datetime, timezone
 import orjson
 from kafka import KafkaProducer
 
-from schemas.config import VISITOR_EVENTS_TOPIC, Config
+from schemas.config import FORGET_TYPE, VISITOR_EVENTS_TOPIC, Config
 
 from .publish import Delivery, make_producer, partition_of
-
-FORGET_TYPE = "forget"
 
 
 def forget_item(visitor_id: str, at: datetime) -> bytes:

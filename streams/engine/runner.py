@@ -50,6 +50,7 @@ from schemas.config import (
     ABUSE_FLAGS_TOPIC,
     CODE_EVENTS_TOPIC,
     DEAD_LETTERS_TOPIC,
+    FORGET_TYPE,
     LEDGER_EVENTS_TOPIC,
     REVIEWS_TOPIC,
     STATE_TABLES,
@@ -940,8 +941,6 @@ _MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, Inval
 _EVENT_FIELDS = frozenset(
     f.name for cls in (Click, Share, Order, Refund, Review) for f in dataclasses.fields(cls)
 ) | {"type", "visitor_id", "ts"}
-#: An `attribution forget` request on `visitor-events`: erase the visitor's touches.
-FORGET_TYPE = "forget"
 
 #: Latency samples per table and batch: evenly spread over the batch, enough for quantiles.
 LATENCY_SAMPLES = 100
