@@ -122,6 +122,13 @@ class ManagedProcess:
         return True
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, chosen by the kernel (for servers of tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def port_is_free(host: str, port: int) -> bool:
     """A server could listen on host:port now (binding with SO_REUSEADDR, as Kafka and ClickHouse
     do, so connections lingering in TIME_WAIT do not count)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from deploy.clickhouse_server import ClickHouseServer, ensure_clickhouse_install
 from deploy.errors import StackError
 from deploy.kafka_broker import KafkaBroker
 from deploy.kafka_security import SCRAM_MECHANISM, SECURE_LISTENER
-from deploy.processes import ManagedProcess, describe_port_holder, port_is_free
+from deploy.processes import ManagedProcess, describe_port_holder, free_port, port_is_free
 
 __all__ = [
     "ServiceStatus",
@@ -372,3 +373,33 @@ def _await_answer(
                 f"{what} did not answer within {timeout:.0f} s ({cause}); see {log_path}"
             )
         time.sleep(_PROBE_INTERVAL_SECONDS)
+
+
+# --- Brokers of their own, for fault tests and benchmarks -----------------------------------------
+
+
+def link_kafka_jars(shared: Stack, root: Path) -> None:
+    """Give a stack under `root` the jars `shared` fetched (links, and the marker that says they
+    are complete): a fresh root would fetch them again (~30 s)."""
+    libs = root / "kafka" / "libs"
+    libs.mkdir(parents=True)
+    for jar in shared.kafka.libs_dir.iterdir():
+        if jar.name.startswith("."):
+            shutil.copyfile(jar, libs / jar.name)  # the fetch marker
+        else:
+            (libs / jar.name).symlink_to(jar)
+
+
+@contextmanager
+def private_broker(shared: Stack, root: Path) -> Iterator[Stack]:
+    """A Kafka broker of its own under `root`, on free ports, stopped afterwards: killing it
+    touches nobody else's. Only its Kafka half is ever started; it is given free ClickHouse ports
+    too, so that it could never touch the shared server."""
+    link_kafka_jars(shared, root)
+    broker = Stack(root, kafka_port=free_port(), kafka_controller_port=free_port(),
+                   clickhouse_port=free_port(), clickhouse_http_port=free_port())
+    broker.start_kafka(progress=lambda line: None)
+    try:
+        yield broker
+    finally:
+        broker.kafka.process.stop(20.0)

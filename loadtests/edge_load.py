@@ -27,14 +27,11 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from deploy.stack import Stack
+from deploy.stack import Stack, private_broker
+from deploy.processes import free_port
 from schemas.config import Config
 from schemas.reference import Affiliate, Link, Settings
 
@@ -56,12 +54,6 @@ AFFILIATE = "load-affiliate"
 #: The edge's rate limits, lifted: one client address sends everything here.
 UNLIMITED = {"EDGE_RATE_PER_IP": "1000000", "EDGE_BURST_PER_IP": "1000000",
              "EDGE_RATE_PER_LINK": "1000000", "EDGE_BURST_PER_LINK": "1000000"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -353,26 +345,6 @@ def events_on_kafka(config: Config, expected: int, timeout: float = 120.0) -> di
     return seen
 
 
-@contextmanager
-def own_broker(stack: Stack, root: Path) -> Iterator[Stack]:
-    """A broker of this run's own on free ports (the stack's jars linked), as the fault tests
-    start one: killing it touches nobody else's."""
-    libs = root / "kafka" / "libs"
-    libs.mkdir(parents=True)
-    for jar in stack.kafka.libs_dir.iterdir():
-        if jar.name.startswith("."):
-            shutil.copyfile(jar, libs / jar.name)
-        else:
-            (libs / jar.name).symlink_to(jar)
-    broker = Stack(root, kafka_port=free_port(), kafka_controller_port=free_port(),
-                   clickhouse_port=free_port(), clickhouse_http_port=free_port())
-    broker.start_kafka(progress=lambda line: None)
-    try:
-        yield broker
-    finally:
-        broker.kafka.process.stop(20.0)
-
-
 def run(seconds: float, concurrency: int, restart: bool) -> dict[str, Any]:
     stack = Stack()
     if not stack.kafka.libs_dir.is_dir():
@@ -380,7 +352,7 @@ def run(seconds: float, concurrency: int, restart: bool) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-load-{tag}-"))
     try:
-        with own_broker(stack, workdir / "broker") as broker:
+        with private_broker(stack, workdir / "broker") as broker:
             return measure(broker, workdir, tag, seconds, concurrency, restart)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -9,23 +9,15 @@ Both skip, saying why, when the pinned chdb-core is not installed.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from deploy.current_clickhouse import LOOPBACK, CurrentClickHouse, chdb_core_extension
+from deploy.current_clickhouse import CurrentClickHouse, chdb_core_extension
 from deploy.current_clickhouse import current_clickhouse as started_server
+from deploy.processes import free_port
 from schemas.config import ClickHouseTarget
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")

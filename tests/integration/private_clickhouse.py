@@ -4,24 +4,17 @@ port, users it gained since it started). Never touches the shared stack."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from deploy.clickhouse_server import ClickHouseServer
+from deploy.processes import free_port
 
 LOOPBACK = "127.0.0.1"
 #: 18.16 answers within seconds on two busy cores; as long as the stack gives its own server.
 READY_SECONDS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager

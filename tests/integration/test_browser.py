@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ import pytest
 from schemas.validation import parse_reference_document
 from streams.publish import publish_reference
 from conftest import REPO, Isolated  # tests/conftest.py
+
+from deploy.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -79,12 +80,6 @@ def browser(chromium: None) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Server:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import pytest
 
 from schemas.validation import parse_reference_document
 from streams.publish import publish_reference
+
+from deploy.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +47,6 @@ REFERENCE = {
                  "allowed_redirect_hosts": ["shop.example"],
                  "allowed_origins": ["shop.example"]},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class EdgeProcess:

@@ -28,7 +28,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from edge.delivery import Delivery, EdgeEvent
 from schemas.config import Config
 from streams.publish import partition_of
-from test_faults import own_broker  # tests/integration/test_faults.py
+from deploy.stack import private_broker
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ TOPICS = ("clicks", "refunds")
 
 @pytest.fixture(scope="module")
 def broker(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with own_broker(stack, tmp_path_factory.mktemp("edge-broker")) as own:
+    with private_broker(stack, tmp_path_factory.mktemp("edge-broker")) as own:
         yield own
 
 

@@ -30,11 +30,9 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -63,6 +61,8 @@ from schemas.config import (
 from schemas.validation import parse_reference_document
 from sinks.rows import TABLES
 from streams.publish import produce_lines, publish_reference
+
+from deploy.stack import private_broker
 
 pytestmark = pytest.mark.integration
 
@@ -272,44 +272,12 @@ def undisturbed(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 # --- 1. the broker killed and restarted ------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Services:
     """What `make_isolated` needs of a stack: this test's broker, the shared ClickHouse."""
 
     kafka_bootstrap: str
     clickhouse_address: str
-
-
-@contextmanager
-def own_broker(shared: Any, root: Path) -> Iterator[Any]:
-    """A Kafka broker of this test's own under `root`, on free ports; stopped afterwards.
-
-    Its jars are links to the shared stack's (with the marker that says they are complete, so
-    nothing is fetched). Only its Kafka half is ever started: ClickHouse stays the shared one, and
-    the Stack is given free ports for it only so that it could never touch the shared server.
-    """
-    from deploy.stack import Stack
-
-    libs = root / "kafka" / "libs"
-    libs.mkdir(parents=True)
-    for jar in shared.kafka.libs_dir.iterdir():
-        if jar.name.startswith("."):
-            shutil.copyfile(jar, libs / jar.name)  # the fetch marker
-        else:
-            (libs / jar.name).symlink_to(jar)
-    broker = Stack(root, kafka_port=free_port(), kafka_controller_port=free_port(),
-                   clickhouse_port=free_port(), clickhouse_http_port=free_port())
-    broker.start_kafka(progress=lambda line: None)
-    try:
-        yield broker
-    finally:
-        broker.kafka.process.stop(20.0)
 
 
 @pytest.mark.parametrize("down_seconds", [
@@ -323,7 +291,7 @@ def test_broker_killed_mid_backlog_and_restarted_gives_the_rows_of_an_undisturbe
 ) -> None:
     input_ = traffic()
     first_orders = len({e["order_id"] for e in input_.first if e["type"] == "order"})
-    with own_broker(stack, tmp_path / "broker") as broker:
+    with private_broker(stack, tmp_path / "broker") as broker:
         run = make_isolated(Services(broker.kafka_bootstrap, stack.clickhouse_address),
                             tmp_path / "state", partitions=PARTITIONS)
         try:

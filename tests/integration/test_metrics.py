@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from sinks.metrics import METRICS
 from streams.lag import LagReporter, run_lag_reporter
 from streams.publish import produce_lines, publish_reference
 from tests_support import REFERENCE_FILE_TEXT
+
+from deploy.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,12 +51,6 @@ SHARE = {"event_id": "sh1", "type": "share", "ts": "2026-11-02T09:00:00Z", "affi
          "share_id": "share-1", "channel": "tiktok"}
 #: Routable (it has a visitor_id), so `produce` sends it and the worker dead-letters it.
 INVALID_CLICK = dict(click(99), ts="yesterday")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Scrape:

@@ -9,7 +9,6 @@ The ACLs are granted for this module's TOPIC_PREFIX, as `stack up --secure --top
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from kafka.errors import TopicAuthorizationFailedError
 
 from conftest import REPO, Isolated
 from deploy.kafka_security import PRINCIPALS
-from deploy.stack import Stack, default_stack_root
+from deploy.stack import Stack, link_kafka_jars
+from deploy.processes import free_port
 from schemas.config import STATE_TABLES, Config
 
 pytestmark = pytest.mark.integration
@@ -112,28 +112,14 @@ def config_of(env: dict[str, str]) -> Config:
     return Config(**{key: env[key] for key in keys})  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _share_the_jars(root: Path) -> None:
-    """The shared stack's fetched jars, linked: a fresh root would fetch them again (~30 s)."""
-    fetched = default_stack_root() / "kafka" / "libs"
-    if (fetched / ".fetched-from-pom").exists():
-        (root / "kafka").mkdir(parents=True)
-        (root / "kafka" / "libs").symlink_to(fetched, target_is_directory=True)
-
-
 @pytest.fixture(scope="module")
 def secured(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredPipeline]:
     from sinks.migrate import migrate_server
 
     root = tmp_path_factory.mktemp("secured-stack")
-    _share_the_jars(root)
-    broker = Stack(root, kafka_port=_free_port(), kafka_controller_port=_free_port(),
-                   kafka_secure_port=_free_port(), clickhouse_port=stack.clickhouse.tcp_port,
+    link_kafka_jars(stack, root)
+    broker = Stack(root, kafka_port=free_port(), kafka_controller_port=free_port(),
+                   kafka_secure_port=free_port(), clickhouse_port=stack.clickhouse.tcp_port,
                    clickhouse_http_port=stack.clickhouse.http_port)
     tag = uuid.uuid4().hex[:10]
     prefix, database = f"s{tag}.", f"sec_{tag}"
