@@ -29,6 +29,13 @@ cat > /etc/clickhouse-server/users.d/zz-attribution-users.xml <<XML
     <profiles>
         <attribution_readonly>
             <readonly>1</readonly>
+            <!-- Grafana's ClickHouse plugin sets max_execution_time (its query timeout) on every
+                 query; readonly 1 refuses any SET unless a constraint allows it. -->
+            <constraints>
+                <max_execution_time>
+                    <changeable_in_readonly/>
+                </max_execution_time>
+            </constraints>
         </attribution_readonly>
     </profiles>
     <users>

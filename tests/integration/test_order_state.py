@@ -225,10 +225,19 @@ def check_order_states(target: ClickHouseTarget) -> None:
 
 
 @pytest.fixture
-def debian_target(stack: Any) -> Iterator[ClickHouseTarget]:
-    """A database of this test's own on the local 18.16 (not created), dropped after it."""
+def debian_target(request: pytest.FixtureRequest) -> Iterator[ClickHouseTarget]:
+    """A database of this test's own on the local 18.16 (not created), dropped after it.
+
+    Only ClickHouse is needed: the `stack` fixture (which starts Kafka too) only when ClickHouse
+    is not running, so a broker held down on purpose elsewhere is left alone.
+    """
+    from deploy.stack import Stack
+
+    local = Stack()
+    if not local.status().clickhouse.running:
+        local = request.getfixturevalue("stack")
     target = ClickHouseTarget(
-        f"clickhouse://default@{stack.clickhouse_address}/t_{uuid.uuid4().hex[:10]}")
+        f"clickhouse://default@{local.clickhouse_address}/t_{uuid.uuid4().hex[:10]}")
     yield target
     client = connect(target, with_database=False)
     try:
