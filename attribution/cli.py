@@ -361,11 +361,17 @@ def report(
     until: Optional[str] = UNTIL,
     fmt: str = FORMAT,
 ) -> None:
-    """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission."""
+    """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission.
+
+    Read from the rollup (its rows of the asked days), whose months in the range are refreshed
+    first; a user who may not write reads it as it is, with a warning saying how old it is."""
     from sinks.report import build_report
 
     def rows(client: Any, database: str, first: date, last: date) -> list[dict[str, object]]:
-        return [r.as_dict() for r in build_report(client, database, first, last).rows]
+        found = build_report(client, database, first, last)
+        if found.warning:
+            console.print(f"[yellow]warning:[/] {found.warning}")
+        return [r.as_dict() for r in found.rows]
 
     _query_and_emit(rows, since, until, fmt, print_report_table)
 
@@ -583,6 +589,8 @@ def _count_lines(path: Path) -> int:
 from attribution.payouts import register as _register_payouts  # noqa: E402  (uses this module's helpers)
 
 _register_payouts(app)
+from attribution.rollup import rollup_app  # noqa: E402
+app.add_typer(rollup_app, name="rollup")
 
 
 def main() -> None:

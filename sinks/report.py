@@ -1,17 +1,23 @@
 """The per-affiliate, per-channel summary that `attribution report` prints, read from ClickHouse.
 
-Counts come from the `affiliate_channel_daily` view; pending / approved / held amounts from the
-ledger, per order: approved once it has an approval fact, else its accrual's status.
+Everything comes from the rollup `affiliate_channel_daily_totals` (sinks/rollup.py), its rows of
+the asked days only: clicks, shares, orders, revenue and net commission as the live view
+`affiliate_channel_daily` counts them; pending / approved / held per order from the ledger:
+approved once it has an approval fact, else its accrual's status.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 from clickhouse_driver import Client
+
+from .migrate import Executor
+from .rollup import TOTALS, MonthRange, cannot_write, refreshed_at
+from .rollup import refresh as refresh_rollup
 
 ZERO = Decimal("0.00")
 
@@ -58,53 +64,68 @@ class ReportRow:
 @dataclass
 class Report:
     rows: list[ReportRow] = field(default_factory=list)
+    #: Set when the rollup could not be brought up to date (a read-only user): how old it is.
+    warning: str | None = None
 
 
-def build_report(client: Client, database: str, since: date, until: date) -> Report:
-    params = {"since": since, "until": until}
-    counts = client.execute(
+def build_report(client: Client, database: str, since: date, until: date, *,
+                 refresh: bool = True) -> Report:
+    """The report for days since..until, read from the rollup's rows of those days only.
+
+    With `refresh`, the rollup's months in the range are brought up to date first
+    (`sinks.rollup.refresh`). A user who may not write (e.g. the `bi` user) reads the rollup as
+    it is, and the report carries a warning saying how old it is.
+    """
+    def execute(sql: str, rows: list[tuple[object, ...]] | None = None) -> list[tuple[object, ...]]:
+        return client.execute(sql, rows) if rows is not None else client.execute(sql)  # type: ignore[no-any-return]
+
+    warning = None
+    if refresh:
+        within = MonthRange.of_days(since, until)
+        try:
+            refresh_rollup(execute, database, within=within)
+        except Exception as exc:
+            if not cannot_write(exc):
+                raise
+            warning = _stale_warning(execute, database, within, exc)
+    totals = client.execute(
         f"""
-        SELECT affiliate_id, channel, currency, sum(clicks), sum(shares), sum(orders),
-               sum(revenue), sum(net_commission)
-        FROM {database}.affiliate_channel_daily
+        SELECT affiliate_id, toString(channel), toString(currency), sum(clicks), sum(shares),
+               sum(orders), sum(revenue), sum(net_commission), sum(pending), sum(approved),
+               sum(held)
+        FROM {database}.{TOTALS}
         WHERE day >= %(since)s AND day <= %(until)s
         GROUP BY affiliate_id, channel, currency
         """,
-        params,
-    )
-    states = client.execute(
-        f"""
-        SELECT affiliate_id, channel, currency,
-               sumIf(net, state = 'pending'), sumIf(net, state = 'approved'),
-               sumIf(net, state = 'held')
-        FROM
-        (
-            SELECT order_id, any(affiliate_id) AS affiliate_id, any(channel) AS channel,
-                   any(currency) AS currency, min(order_ts) AS first_ts, sum(amount) AS net,
-                   if(countIf(kind = 'approval') > 0, 'approved',
-                      anyIf(status, kind = 'accrual')) AS state
-            FROM {database}.commission_facts FINAL
-            GROUP BY order_id
-        )
-        WHERE toDate(first_ts) >= %(since)s AND toDate(first_ts) <= %(until)s
-        GROUP BY affiliate_id, channel, currency
-        """,
-        params,
+        {"since": since, "until": until},
     )
     rows: dict[tuple[str, str, str], ReportRow] = {}
-    for affiliate, channel, currency, clicks, shares, orders, revenue, net in counts:
-        row = rows.setdefault((affiliate, channel, currency), ReportRow(affiliate, channel, currency))
-        row.clicks += clicks
-        row.shares += shares
-        row.orders += orders
-        row.revenue += Decimal(revenue)
-        row.net_commission += Decimal(net)
-    for affiliate, channel, currency, pending, approved, held in states:
-        row = rows.setdefault((affiliate, channel, currency), ReportRow(affiliate, channel, currency))
-        row.pending += Decimal(pending)
-        row.approved += Decimal(approved)
-        row.held += Decimal(held)
-    return Report(_merge_currencyless(rows))
+    for (affiliate, channel, currency, clicks, shares, orders, revenue, net, pending, approved,
+         held) in totals:
+        # ZERO + ...: two decimal places whatever scale the driver hands back (it drops zeros).
+        rows[affiliate, channel, currency] = ReportRow(
+            affiliate, channel, currency, int(clicks), int(shares), int(orders),
+            ZERO + Decimal(revenue), ZERO + Decimal(net), ZERO + Decimal(pending),
+            ZERO + Decimal(approved), ZERO + Decimal(held))
+    return Report(_merge_currencyless(rows), warning)
+
+
+def _stale_warning(execute: Executor, database: str, within: MonthRange, error: Exception) -> str:
+    why = f"code {getattr(error, 'code', '?')}"
+    try:
+        last = refreshed_at(execute, database, within)
+        now = datetime.fromtimestamp(int(str(execute("SELECT toUnixTimestamp(now())")[0][0])),
+                                     timezone.utc)
+    except Exception:  # the warning must not hide the report
+        last, now = None, datetime.now(timezone.utc)
+    if last is None:
+        age = "some of its months were never refreshed"
+    else:
+        minutes = max(0, int((now - last).total_seconds() // 60))
+        age = (f"last refreshed {last:%Y-%m-%d %H:%M:%S} UTC, "
+               f"{minutes // 60} h {minutes % 60} min ago")
+    return (f"this user may not refresh the rollup ({why}): it is read as it is, {age}; "
+            "run `attribution rollup refresh` as a user who may write")
 
 
 def _merge_currencyless(rows: dict[tuple[str, str, str], ReportRow]) -> list[ReportRow]:

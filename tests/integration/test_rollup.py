@@ -1,0 +1,372 @@
+"""The rollup `affiliate_channel_daily_totals` (issue 14 item 3) on the local 18.16 (month rebuilds)
+and on current ClickHouse 26.9 (its refreshable view): `attribution report` read from it equals
+the report the live view `affiliate_channel_daily` and the ledger gave before it, a replay changes
+nothing, a late refund rebuilds its month only, and `--since/--until` reads only those days."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from integration.current_engine import current_server, current_target  # noqa: F401
+from schemas.config import ClickHouseTarget
+from sinks.clickhouse import connect
+from sinks.migrate import SchemaOptions, migrate_server
+from sinks.report import ReportRow, _merge_currencyless, build_report
+from sinks.rollup import TOTALS, MonthRange, RefreshResult, refresh
+
+pytestmark = pytest.mark.integration
+
+D = Decimal
+OCT, NOV = 202610, 202611
+EVERYTHING = (date(1970, 1, 1), date(2105, 12, 31))
+
+CLICKS = ("INSERT INTO {db}.clicks (event_id, ts, visitor_id, session_id, affiliate_id, channel,"
+          " share_id, referrer_host) VALUES")
+SHARES = "INSERT INTO {db}.shares (event_id, ts, affiliate_id, share_id, channel, url) VALUES"
+ORDERS = ("INSERT INTO {db}.attributed_orders (order_id, ts, visitor_id, customer_id, affiliate_id,"
+          " program_id, method, click_event_id, channel, discount_code, total, currency,"
+          " commission, flags, status, version) VALUES")
+FACTS = ("INSERT INTO {db}.commission_facts (fact_id, order_id, affiliate_id, program_id, kind,"
+         " amount, currency, status, ts, channel, order_ts) VALUES")
+
+
+class Server:
+    """One database on one server, spoken to as the CLI does (native protocol)."""
+
+    def __init__(self, target: ClickHouseTarget) -> None:
+        self.target = target
+        self.database = target.database
+        self.client = connect(target)
+
+    def execute(self, sql: str, rows: list[tuple[Any, ...]] | None = None) -> list[tuple[Any, ...]]:
+        sql = sql.replace("{db}", self.database)
+        return self.client.execute(sql, rows) if rows is not None else self.client.execute(sql)  # type: ignore[no-any-return]
+
+    def insert(self, data: "Traffic") -> None:
+        for sql, rows in ((CLICKS, data.clicks), (SHARES, data.shares), (ORDERS, data.orders),
+                          (FACTS, data.facts)):
+            if rows:
+                self.execute(sql, rows)
+
+    def refresh(self, **options: Any) -> RefreshResult:
+        return refresh(self.execute, self.database, **options)
+
+    def report(self, since: date = EVERYTHING[0], until: date = EVERYTHING[1]) -> list[ReportRow]:
+        return build_report(self.client, self.database, since, until).rows
+
+    def rollup_rows(self) -> list[tuple[Any, ...]]:
+        return self.execute(f"SELECT * FROM {{db}}.{TOTALS} ORDER BY day, affiliate_id, channel,"
+                            " currency")
+
+    def live_report(self, since: date = EVERYTHING[0], until: date = EVERYTHING[1]) -> list[ReportRow]:
+        """The report as `build_report` made it before the rollup: the live view's counts and the
+        ledger's per-order states, both read with FINAL at query time."""
+        params = {"since": since, "until": until}
+        counts = self.client.execute(
+            f"""SELECT affiliate_id, channel, currency, sum(clicks), sum(shares), sum(orders),
+                       sum(revenue), sum(net_commission)
+                FROM {self.database}.affiliate_channel_daily
+                WHERE day >= %(since)s AND day <= %(until)s
+                GROUP BY affiliate_id, channel, currency""", params)
+        states = self.client.execute(
+            f"""SELECT affiliate_id, channel, currency, sumIf(net, state = 'pending'),
+                       sumIf(net, state = 'approved'), sumIf(net, state = 'held')
+                FROM
+                (
+                    SELECT order_id, any(affiliate_id) AS affiliate_id, any(channel) AS channel,
+                           any(currency) AS currency, min(order_ts) AS first_ts,
+                           sum(amount) AS net,
+                           if(countIf(kind = 'approval') > 0, 'approved',
+                              anyIf(status, kind = 'accrual')) AS state
+                    FROM {self.database}.commission_facts FINAL
+                    GROUP BY order_id
+                )
+                WHERE toDate(first_ts) >= %(since)s AND toDate(first_ts) <= %(until)s
+                GROUP BY affiliate_id, channel, currency""", params)
+        rows: dict[tuple[str, str, str], ReportRow] = {}
+        for affiliate, channel, currency, clicks, shares, orders, revenue, net in counts:
+            row = rows.setdefault((affiliate, channel, currency), ReportRow(affiliate, channel, currency))
+            row.clicks += clicks
+            row.shares += shares
+            row.orders += orders
+            row.revenue += D(revenue)
+            row.net_commission += D(net)
+        for affiliate, channel, currency, pending, approved, held in states:
+            row = rows.setdefault((affiliate, channel, currency), ReportRow(affiliate, channel, currency))
+            row.pending += D(pending)
+            row.approved += D(approved)
+            row.held += D(held)
+        return _merge_currencyless(rows)
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+
+class Traffic:
+    """Rows of the four sources, built up by the helpers below."""
+
+    def __init__(self) -> None:
+        self.clicks: list[tuple[Any, ...]] = []
+        self.shares: list[tuple[Any, ...]] = []
+        self.orders: list[tuple[Any, ...]] = []
+        self.facts: list[tuple[Any, ...]] = []
+
+    def click(self, event_id: str, ts: datetime, affiliate: str, channel: str) -> None:
+        self.clicks.append((event_id, ts, "v", "s", affiliate, channel, "", ""))
+
+    def share(self, event_id: str, ts: datetime, affiliate: str, channel: str) -> None:
+        self.shares.append((event_id, ts, affiliate, "share", channel, "https://x.example"))
+
+    def order(self, order_id: str, ts: datetime, affiliate: str, channel: str, total: str,
+              commission: str, currency: str = "EUR", status: str = "pending") -> None:
+        self.orders.append((order_id, ts, "v", "cust", affiliate, "prog", "last_click", "c",
+                            channel, "", D(total), currency, D(commission), [], status, 0))
+        self.fact(order_id, "accrual", commission, status, ts, ts, affiliate, channel, currency)
+
+    def fact(self, order_id: str, kind: str, amount: str, status: str, ts: datetime,
+             order_ts: datetime, affiliate: str, channel: str, currency: str = "EUR") -> None:
+        self.facts.append((f"{order_id}:{kind}:{ts:%Y%m%d%H%M%S}", order_id, affiliate, "prog",
+                           kind, D(amount), currency, status, ts, channel, order_ts))
+
+
+def two_months() -> Traffic:
+    """A few days in October and November: clicks, a share, orders in two currencies; one order
+    approved, one held."""
+    traffic = Traffic()
+    oct3, oct20, nov2, nov3 = (datetime(2026, 10, 3, 10), datetime(2026, 10, 20, 9),
+                               datetime(2026, 11, 2, 12), datetime(2026, 11, 3, 8))
+    for n, (ts, affiliate, channel) in enumerate([
+            (oct3, "sally", "blog"), (oct3, "sally", "blog"), (oct20, "tom", "social"),
+            (nov2, "sally", "blog"), (nov3, "tom", "social"), (nov3, "tom", "email")]):
+        traffic.click(f"c{n}", ts, affiliate, channel)
+    traffic.share("s1", oct20, "tom", "social")
+    traffic.order("o1", oct3 + timedelta(hours=1), "sally", "blog", "100.00", "10.00")
+    traffic.order("o2", oct20 + timedelta(hours=1), "tom", "social", "250.40", "25.04", status="held")
+    traffic.order("o3", nov2 + timedelta(hours=1), "sally", "blog", "80.00", "8.00", currency="USD")
+    traffic.order("o4", nov3 + timedelta(hours=1), "tom", "email", "60.00", "6.00")
+    traffic.fact("o1", "approval", "0.00", "approved", datetime(2026, 11, 2), oct3 + timedelta(hours=1),
+                 "sally", "blog")
+    return traffic
+
+
+def by_key(rows: list[ReportRow]) -> dict[tuple[str, str, str], ReportRow]:
+    return {(r.affiliate_id, r.channel, r.currency): r for r in rows}
+
+
+@pytest.fixture
+def debian(isolated: Any) -> Iterator[Server]:
+    server = Server(isolated.config.clickhouse)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def current(current_target: ClickHouseTarget) -> Iterator[Server]:  # noqa: F811
+    migrate_server(current_target)
+    server = Server(current_target)
+    yield server
+    server.close()
+
+
+def check_replays_and_late_refunds(server: Server, rebuilt: Callable[[RefreshResult], list[int] | None]) -> None:
+    """The whole story on one server; `rebuilt` says which months a refresh rebuilt (18.16) or
+    None where the server refreshes everything at once."""
+    traffic = two_months()
+    server.insert(traffic)
+    time.sleep(1.1)  # the parts' second is over: a rebuild that starts now is newer than them
+
+    assert rebuilt(server.refresh()) in ([OCT, NOV], None)
+    expected = server.live_report()
+    assert server.report() == expected
+    rows = by_key(expected)
+    # sally's blog has money in two currencies: its clicks stay on a row of their own.
+    assert (rows["sally", "blog", ""].clicks, rows["sally", "blog", "EUR"].approved) == (3, D("10.00"))
+    assert rows["tom", "social", "EUR"].held == D("25.04")
+    assert (rows["tom", "social", "EUR"].shares, rows["sally", "blog", "USD"].pending) == (1, D("8.00"))
+    assert rebuilt(server.refresh()) in ([], None)  # nothing changed: nothing rebuilt
+
+    # A refund in November of an October order: October is rebuilt, November is not.
+    late = Traffic()
+    late.fact("o1", "reversal", "-4.00", "clawback", datetime(2026, 11, 20), datetime(2026, 10, 3, 11),
+              "sally", "blog")
+    server.insert(late)
+    assert rebuilt(server.refresh()) in ([OCT], None)
+    refunded = by_key(server.report())["sally", "blog", "EUR"]
+    assert (refunded.net_commission, refunded.approved) == (D("6.00"), D("6.00"))
+    assert server.report() == server.live_report()
+    settled = server.rollup_rows()
+
+    # A replay of everything: the same rows again, so the same rollup, row for row.
+    server.insert(traffic)
+    server.insert(late)
+    done = rebuilt(server.refresh(within=MonthRange(NOV, NOV)))
+    assert done in ([NOV], None)  # only the months asked for
+    if done is not None:
+        assert OCT in (rebuilt(server.refresh()) or [])
+    assert server.rollup_rows() == settled
+    assert server.report() == server.live_report()
+
+    # --since/--until: only those days.
+    november = server.report(date(2026, 11, 1), date(2026, 11, 30))
+    assert november == server.live_report(date(2026, 11, 1), date(2026, 11, 30))
+    assert {(r.affiliate_id, r.channel, r.currency) for r in november} == {
+        ("sally", "blog", "USD"), ("tom", "social", ""), ("tom", "email", "EUR")}
+    assert (by_key(november)["sally", "blog", "USD"].orders, by_key(november)["sally", "blog", "USD"].clicks) == (1, 1)
+    oct3 = server.report(date(2026, 10, 3), date(2026, 10, 3))
+    assert [(r.affiliate_id, r.clicks, r.orders, r.net_commission) for r in oct3] == [
+        ("sally", 2, 1, D("6.00"))]
+
+
+def test_on_18_16_months_are_rebuilt_when_touched_and_replays_change_nothing(debian: Server) -> None:
+    check_replays_and_late_refunds(debian, lambda result: result.rebuilt)
+
+
+def test_on_the_current_server_the_view_recomputes_it_and_replays_change_nothing(current: Server) -> None:
+    def refreshed(result: RefreshResult) -> None:
+        assert result.rebuilt == []
+        return None
+
+    check_replays_and_late_refunds(current, refreshed)
+
+
+def test_a_month_whose_sources_are_emptied_is_emptied_in_the_rollup(debian: Server) -> None:
+    debian.insert(two_months())
+    time.sleep(1.1)
+    debian.refresh()
+    debian.execute(f"ALTER TABLE {{db}}.clicks DROP PARTITION {OCT}")
+    debian.execute(f"ALTER TABLE {{db}}.shares DROP PARTITION {OCT}")
+    debian.execute(f"ALTER TABLE {{db}}.attributed_orders DROP PARTITION {OCT}")
+    debian.execute(f"ALTER TABLE {{db}}.commission_facts DROP PARTITION {OCT}")
+    assert debian.refresh().rebuilt == [OCT]
+    assert debian.report(date(2026, 10, 1), date(2026, 10, 31)) == []
+    assert debian.report() == debian.live_report()
+
+
+def test_on_the_current_server_days_past_the_click_horizon_keep_their_clicks(
+    current_target: ClickHouseTarget,  # noqa: F811
+) -> None:
+    """Raw clicks expire after CLICKHOUSE_CLICKS_TTL_DAYS: the view keeps a closed day's clicks
+    from the rollup itself and recomputes the rest, money included."""
+    migrate_server(current_target, options=SchemaOptions(clicks_ttl_days=5))
+    server = Server(current_target)
+    try:
+        today = datetime.now(timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0,
+                                                   microsecond=0)
+        closed, open_ = (today - timedelta(days=10)).date(), (today - timedelta(days=1)).date()
+        # What a refresh saw while the closed day's clicks were still there:
+        server.execute(f"INSERT INTO {{db}}.{TOTALS} (day, affiliate_id, channel, currency, clicks)"
+                       " VALUES", [(closed, "sally", "blog", "", 7)])
+        traffic = Traffic()
+        traffic.click("c-open", today - timedelta(days=1), "sally", "blog")
+        traffic.order("o-closed", today - timedelta(days=10), "sally", "blog", "50.00", "5.00")
+        server.insert(traffic)
+        server.refresh(force=True)
+        [row] = server.report(closed, closed)
+        assert (row.clicks, row.orders, row.net_commission) == (7, 1, D("5.00"))
+        [row] = server.report(open_, open_)
+        assert row.clicks == 1
+        server.refresh(force=True)  # and again: kept, not doubled
+        assert server.report(closed, closed)[0].clicks == 7
+    finally:
+        server.close()
+
+
+def test_db_migrate_sets_the_views_period_from_the_setting(current_target: ClickHouseTarget) -> None:  # noqa: F811
+    migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=60))
+    migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=300))
+    server = Server(current_target)
+    try:
+        [(query,)] = server.execute("SELECT create_table_query FROM system.tables WHERE database ="
+                                    f" '{server.database}' AND name = '{TOTALS}_refresh'")
+    finally:
+        server.close()
+    assert "REFRESH EVERY 5 MINUTE" in query
+
+
+# --- A property: the rollup's report is the live one, whatever the traffic ------------------------
+
+CHANNELS = ("blog", "social", "")
+AFFILIATES = ("sally", "tom", "")
+DAYS = [datetime(2026, 9, 28, 6) + timedelta(days=n, hours=n % 7) for n in range(40)]
+
+
+@st.composite
+def traffic_of(draw: st.DrawFn) -> tuple[Traffic, Traffic]:
+    """Random traffic across three months, and a random part of it to replay."""
+    traffic = Traffic()
+    for n in range(draw(st.integers(0, 12))):
+        traffic.click(f"c{n}", draw(st.sampled_from(DAYS)), draw(st.sampled_from(AFFILIATES)),
+                      draw(st.sampled_from(CHANNELS)))
+    for n in range(draw(st.integers(0, 4))):
+        traffic.share(f"s{n}", draw(st.sampled_from(DAYS)), draw(st.sampled_from(AFFILIATES)),
+                      draw(st.sampled_from(CHANNELS)))
+    for n in range(draw(st.integers(0, 8))):
+        ts = draw(st.sampled_from(DAYS))
+        affiliate, channel = draw(st.sampled_from(AFFILIATES)), draw(st.sampled_from(CHANNELS))
+        currency = draw(st.sampled_from(("EUR", "USD")))
+        commission = draw(st.integers(0, 5000))
+        traffic.order(f"o{n}", ts, affiliate, channel, f"{commission * 10 / 100:.2f}",
+                      f"{commission / 100:.2f}", currency,
+                      draw(st.sampled_from(("pending", "held", "rejected"))))
+        if draw(st.booleans()):
+            traffic.fact(f"o{n}", "approval", "0.00", "approved", ts + timedelta(days=14), ts,
+                         affiliate, channel, currency)
+        if draw(st.booleans()):
+            traffic.fact(f"o{n}", "reversal", f"-{commission / 200:.2f}",
+                         draw(st.sampled_from(("reversed", "clawback"))), ts + timedelta(days=40),
+                         ts, affiliate, channel, currency)
+    replay = Traffic()
+    for name in ("clicks", "shares", "orders", "facts"):
+        rows = getattr(traffic, name)
+        getattr(replay, name).extend(row for row in rows if draw(st.booleans()))
+    return traffic, replay
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=traffic_of(), since=st.sampled_from(DAYS), length=st.integers(0, 45))
+def test_the_rollups_report_is_the_live_views_for_any_traffic_and_replay(
+    debian: Server, data: tuple[Traffic, Traffic], since: datetime, length: int,
+) -> None:
+    for table in ("clicks", "shares", "attributed_orders", "commission_facts", TOTALS,
+                  "rollup_refreshes"):
+        debian.execute(f"TRUNCATE TABLE {{db}}.{table}")
+    traffic, replay = data
+    debian.insert(traffic)
+    debian.insert(replay)
+    first, last = since.date(), since.date() + timedelta(days=length)
+    assert debian.report(first, last) == debian.live_report(first, last)
+    assert debian.report() == debian.live_report()
+
+
+def test_a_user_who_may_not_write_reads_the_rollup_as_it_is_with_a_warning(debian: Server) -> None:
+    """The `bi` user (readonly): no refresh, the rows the rollup has, and how old they are."""
+    from clickhouse_driver import Client
+
+    traffic = two_months()
+    debian.insert(traffic)
+    debian.refresh()
+    late = Traffic()
+    late.fact("o1", "reversal", "-4.00", "clawback", datetime(2026, 11, 20), datetime(2026, 10, 3, 11),
+              "sally", "blog")
+    debian.insert(late)
+    target = debian.target
+    reader = Client(target.host, port=target.port, user=target.user, database=debian.database,
+                    settings={"readonly": 1})
+    try:
+        report = build_report(reader, debian.database, *EVERYTHING)
+    finally:
+        reader.disconnect()
+    assert report.warning is not None and "code 164" in report.warning
+    assert "last refreshed" in report.warning and "ago" in report.warning
+    # The refund is not in it yet: the rollup was read as it was.
+    assert by_key(report.rows)["sally", "blog", "EUR"].net_commission == D("10.00")
+    assert build_report(debian.client, debian.database, *EVERYTHING).warning is None
