@@ -176,6 +176,33 @@ def isolated_factory(stack: Any, tmp_path: Path) -> Iterator[Callable[[], Isolat
             isolated.query("DROP DATABASE IF EXISTS {db}")
         except Exception:  # the server may be the thing a test broke; the data is throwaway
             pass
+        delete_topics(isolated.config)
+
+
+def delete_topics(config: Any) -> None:
+    """Delete the topics of a test's prefix (its inputs, internal topics and state changelogs).
+
+    A broker keeps a few open files per partition: a suite that left every test's topics behind
+    would run the shared broker out of file descriptors after a few runs (it did: ~20,000
+    partitions, "Too many open files", the broker shut down)."""
+    from schemas.config import app_id_for
+    from streams.kafka_clients import admin
+
+    if not config.topic_prefix:  # only a test's own prefix: never the shared topics
+        return
+    owned = (config.topic_prefix, app_id_for(config.topic_prefix) + "-")
+    try:
+        client = admin(config, request_timeout_ms=10_000)
+    except Exception:  # the broker may be the thing a test broke; the topics are throwaway
+        return
+    try:
+        doomed = [t for t in client.list_topics() if t.startswith(owned)]
+        if doomed:
+            client.delete_topics(doomed, timeout_ms=10_000)
+    except Exception:
+        pass
+    finally:
+        client.close()
 
 
 @pytest.fixture
