@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -71,6 +72,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_more_open_files,
             )
         _STARTED[process.pid] = process
         self.pid_file.write_text(f"{process.pid}\n")
@@ -120,6 +122,25 @@ class ManagedProcess:
                 return False
             time.sleep(_POLL_SECONDS)
         return True
+
+
+#: Kafka keeps a few files open per partition and ClickHouse some per part; 1,024 or even 20,000 is
+#: soon reached by a development broker that many test runs have used.
+OPEN_FILES = 262_144
+
+
+def _more_open_files() -> None:
+    """In the child before exec: raise its open-files limit as far as allowed (root may raise the
+    hard limit too), never lower it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in ((OPEN_FILES, max(hard, OPEN_FILES)), (max(soft, min(hard, OPEN_FILES)), hard)):
+        if wanted[0] <= soft:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, wanted)
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def free_port(host: str = "127.0.0.1") -> int:
