@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -121,11 +121,50 @@ def stale_months(
     return sorted(month for month in stale if within is None or month in within)
 
 
-def click_horizon_sql(clicks_ttl_days: str | int) -> str:
+def click_horizon_sql(clicks_ttl_days: str | int, floor: date | None = None) -> str:
     """The first day whose clicks are still all in `clicks` (a Date expression): two days inside
-    the TTL, so the refreshes of a whole day see its clicks before they start to expire."""
-    return (f"if({clicks_ttl_days} = 0, toDate('1970-01-01'), "
-            f"today() - {clicks_ttl_days} + 2)")
+    the TTL, so the refreshes of a whole day see its clicks before they start to expire; never
+    before `floor` (clicks before it expired under an earlier, shorter TTL)."""
+    horizon = (f"if({clicks_ttl_days} = 0, toDate('1970-01-01'), "
+               f"today() - {clicks_ttl_days} + 2)")
+    return f"greatest({horizon}, toDate('{floor.isoformat()}'))" if floor else horizon
+
+
+_HORIZON_TTL = re.compile(r"if\((\d+) = 0, toDate\('1970-01-01'\)")
+_HORIZON_FLOOR = re.compile(r"today\(\) - \d+\)? \+ 2\), toDate\('(\d{4}-\d{2}-\d{2})'\)\)")
+
+
+@dataclass(frozen=True)
+class ClickHorizon:
+    """The click horizon of the view's query: the TTL it follows and its floor, if any."""
+
+    ttl_days: int
+    floor: date | None = None
+
+    @classmethod
+    def parse(cls, create_query: str) -> "ClickHorizon | None":
+        ttl = _HORIZON_TTL.search(create_query)
+        if not ttl:
+            return None
+        floor = _HORIZON_FLOOR.search(create_query)
+        return cls(int(ttl[1]), date.fromisoformat(floor[1]) if floor else None)
+
+    def day(self, today: date) -> date:
+        ttl_day = today - timedelta(days=self.ttl_days - 2) if self.ttl_days else date(1970, 1, 1)
+        return max(ttl_day, self.floor) if self.floor else ttl_day
+
+    def under(self, ttl_days: int, today: date) -> "ClickHorizon":
+        """The horizon once the TTL becomes `ttl_days` today. Raw clicks before today's horizon
+        may be gone already: a longer TTL (or none) cannot bring them back, so that day becomes
+        the floor until the new TTL's horizon passes it."""
+        floor = self.day(today)
+        kept = ClickHorizon(ttl_days)
+        if floor <= date(1970, 1, 1) or kept.day(today) >= floor:
+            return kept
+        return ClickHorizon(ttl_days, floor)
+
+    def sql(self) -> str:
+        return click_horizon_sql(self.ttl_days, self.floor)
 
 
 def totals_select(database: str, *, month: int | None = None,
@@ -385,19 +424,28 @@ def refresh_period_seconds(create_query: str) -> int | None:
 
 def reconcile(execute: "Executor", database: str, dialect: "Dialect", options: "SchemaOptions",
               progress: Callable[[str], None] = lambda _: None) -> None:
-    """Make the view's refresh period ROLLUP_REFRESH_SECONDS (current servers; 18.16: nothing)."""
+    """Make the view follow the settings (current servers; 18.16: nothing): its refresh period
+    ROLLUP_REFRESH_SECONDS, its click horizon CLICKHOUSE_CLICKS_TTL_DAYS."""
     if not dialect.refreshable_views:
         return
     rows = execute(f"SELECT create_table_query FROM system.tables WHERE database = "
                    f"{_literal(database)} AND name = {_literal(REFRESH_VIEW)}")
     if not rows:
         return
-    period = refresh_period_seconds(str(rows[0][0]))
+    create_query = str(rows[0][0])
+    period = refresh_period_seconds(create_query)
     if period != options.rollup_refresh_seconds:
         statement = (f"ALTER TABLE {database}.{REFRESH_VIEW} "
                      f"MODIFY REFRESH EVERY {options.rollup_refresh_seconds} SECOND")
         progress(f"  {statement.removeprefix(f'ALTER TABLE {database}.')}")
         execute(statement)
+    horizon = ClickHorizon.parse(create_query)
+    if horizon is not None and horizon.ttl_days != options.clicks_ttl_days:
+        today = date.fromisoformat(str(execute("SELECT toString(today())")[0][0]))
+        changed = horizon.under(options.clicks_ttl_days, today)
+        progress(f"  {REFRESH_VIEW} MODIFY QUERY: days before {changed.sql()} are closed")
+        execute(f"ALTER TABLE {database}.{REFRESH_VIEW} MODIFY QUERY "
+                f"{totals_select(database, click_horizon=changed.sql())}")
 
 
 def run_every(seconds: float, round_: Callable[[], None], on_error: Callable[[Exception], None],

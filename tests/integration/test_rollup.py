@@ -20,7 +20,7 @@ from schemas.config import ClickHouseTarget
 from sinks.clickhouse import connect
 from sinks.migrate import SchemaOptions, migrate_server
 from sinks.report import ReportRow, _merge_currencyless, build_report
-from sinks.rollup import TOTALS, MonthRange, RefreshResult, refresh
+from sinks.rollup import TOTALS, ClickHorizon, MonthRange, RefreshResult, refresh
 
 pytestmark = pytest.mark.integration
 
@@ -279,16 +279,31 @@ def test_on_the_current_server_days_past_the_click_horizon_keep_their_clicks(
         server.close()
 
 
-def test_db_migrate_sets_the_views_period_from_the_setting(current_target: ClickHouseTarget) -> None:  # noqa: F811
-    migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=60))
-    migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=300))
+def test_db_migrate_makes_the_view_follow_the_period_and_the_click_ttl(
+    current_target: ClickHouseTarget,  # noqa: F811
+) -> None:
     server = Server(current_target)
-    try:
+
+    def view_query() -> str:
         [(query,)] = server.execute("SELECT create_table_query FROM system.tables WHERE database ="
                                     f" '{server.database}' AND name = '{TOTALS}_refresh'")
+        return str(query)
+
+    try:
+        migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=60))
+        assert "REFRESH EVERY 1 MINUTE" in view_query()
+        assert ClickHorizon.parse(view_query()) == ClickHorizon(400)
+        migrate_server(current_target, options=SchemaOptions(rollup_refresh_seconds=300,
+                                                             clicks_ttl_days=800))
+        assert "REFRESH EVERY 5 MINUTE" in view_query()
+        # Clicks older than 400 days may be gone: those days stay closed under the longer TTL.
+        [(today,)] = server.execute("SELECT today()")
+        assert ClickHorizon.parse(view_query()) == ClickHorizon(800, today - timedelta(days=398))
+        migrate_server(current_target, options=SchemaOptions(clicks_ttl_days=30))
+        assert ClickHorizon.parse(view_query()) == ClickHorizon(30)
+        assert server.refresh(force=True).view_refreshed
     finally:
         server.close()
-    assert "REFRESH EVERY 5 MINUTE" in query
 
 
 # --- A property: the rollup's report is the live one, whatever the traffic ------------------------

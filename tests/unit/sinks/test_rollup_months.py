@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from sinks.migrate import available_migrations
 from sinks.rollup import (
+    ClickHorizon,
     MonthRange,
     click_horizon_sql,
     format_month,
@@ -153,3 +154,42 @@ def test_a_failed_round_of_the_service_is_reported_and_the_next_one_runs() -> No
         run_every(5.0, round_, lambda exc: errors.append(str(exc)), sleep)
     assert len(rounds) == 3 and errors == ["server restarting"]
     assert all(0 <= s <= 5.0 for s in sleeps)
+
+
+TODAY = date(2026, 12, 1)
+
+
+def test_the_click_horizon_is_two_days_inside_the_ttl() -> None:
+    assert ClickHorizon(400).day(TODAY) == date(2025, 10, 29)
+    assert ClickHorizon(0).day(TODAY) == date(1970, 1, 1)
+
+
+def test_a_longer_ttl_keeps_closed_the_days_whose_clicks_are_gone_already() -> None:
+    longer = ClickHorizon(400).under(800, TODAY)
+    assert longer == ClickHorizon(800, date(2025, 10, 29))
+    assert longer.day(TODAY) == date(2025, 10, 29)
+    assert longer.day(TODAY.replace(year=2028)) == date(2026, 9, 25)  # the TTL's own, later
+    assert ClickHorizon(400).under(0, TODAY) == ClickHorizon(0, date(2025, 10, 29))
+
+
+def test_a_shorter_ttl_or_none_before_needs_no_floor() -> None:
+    assert ClickHorizon(400).under(30, TODAY) == ClickHorizon(30)
+    assert ClickHorizon(0).under(30, TODAY) == ClickHorizon(30)
+
+
+@given(st.integers(0, 3000), st.integers(0, 3000), st.dates(date(2000, 1, 1), date(2100, 1, 1)))
+def test_a_ttl_change_never_opens_a_day_that_was_closed(old: int, new: int, today: date) -> None:
+    changed = ClickHorizon(old).under(new, today)
+    assert changed.day(today) >= ClickHorizon(old).day(today)
+
+
+def test_the_horizon_is_read_back_from_the_servers_text_of_the_query() -> None:
+    # As 26.9 writes the view's query back (parenthesised).
+    plain = "WHERE day < if(400 = 0, toDate('1970-01-01'), (today() - 400) + 2) AND clicks > 0"
+    assert ClickHorizon.parse(plain) == ClickHorizon(400)
+    floored = ("WHERE day < greatest(if(800 = 0, toDate('1970-01-01'), (today() - 800) + 2), "
+               "toDate('2025-10-29')) AND clicks > 0")
+    assert ClickHorizon.parse(floored) == ClickHorizon(800, date(2025, 10, 29))
+    assert ClickHorizon.parse(ClickHorizon(800, date(2025, 10, 29)).sql()) == ClickHorizon(
+        800, date(2025, 10, 29))
+    assert ClickHorizon.parse("SELECT 1") is None
