@@ -117,18 +117,18 @@ def _show_batch(batch: Any, fmt: str) -> None:
 def create_or_get(execute: Executor, database: str, cut_off: date, minimum: Decimal,
                   currency: str | None, now: datetime) -> tuple[Any, Batch | None]:
     """The stored batch of `cut_off` and the plan it was written from (None: it existed)."""
-    from sinks.payouts import (
-        PayoutNotFound, get_batch, latest_until, read_paid_lines, read_payable_facts, write_batch)
-    from streams.rules.payouts import payout_id_for, plan_batch
+    from sinks.payouts import PayoutNotFound, get_batch, latest_until, read_balances, write_batch
+    from streams.rules.payouts import batch_from_balances, payout_id_for
 
     payout_id = payout_id_for(cut_off)
     try:
         return get_batch(execute, database, payout_id), None
     except PayoutNotFound:
         pass
-    planned = plan_batch(read_payable_facts(execute, database, cut_off),
-                         read_paid_lines(execute, database), cut_off, minimum=minimum,
-                         currency=currency, latest_until=latest_until(execute, database))
+    # The sums come from the database (sinks.payouts.balances_sql, checked against the rules'
+    # own `balances` over the facts); which balance is paid and which carried is the rules'.
+    planned = batch_from_balances(read_balances(execute, database, cut_off, currency), cut_off,
+                                  minimum=minimum, latest_until=latest_until(execute, database))
     write_batch(execute, database, payout_id, cut_off, planned.lines, now, minimum, currency or "")
     return get_batch(execute, database, payout_id), planned
 

@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from schemas.payouts import LedgerFact, PaidLine, PayoutLine
+from streams.rules.payouts import Balance
 
 from .migrate import Executor
 
@@ -81,6 +82,10 @@ def _datetime_literal(moment: datetime) -> str:
     return f"toDateTime({quote(moment.strftime('%Y-%m-%d %H:%M:%S'))}, 'UTC')"
 
 
+def _date_literal(day: date) -> str:
+    return f"toDate({quote(day.isoformat())})"
+
+
 def _cutoff(day: date) -> datetime:
     return datetime.combine(day, time(0, 0))
 
@@ -124,6 +129,66 @@ def payable_facts_sql(database: str, until: date) -> str:
 
 def read_payable_facts(execute: Executor, database: str, until: date) -> list[LedgerFact]:
     return _facts(execute, payable_facts_sql(database, until))
+
+
+def balances_sql(database: str, until: date) -> str:
+    """Per affiliate × currency, the payable amount as of `until` (§9) and the orders in it not
+    covered by the pair's last earlier line: `streams.rules.payouts.balances`' sums, made by the
+    database so that a batch over a whole ledger (millions of orders) never leaves it fact by fact.
+
+    A fact is covered by a line cut off at L when its ts < L and its order was approved before L;
+    an order is new when one of its payable facts is not covered. The cut-off is 00:00 UTC, so
+    `ts < L` is `toDate(ts) < L` for the UTC columns.
+    """
+    end = _datetime_literal(_cutoff(until))
+    return f"""
+        SELECT affiliate_id, currency, sum(payable), toUInt64(sum(is_new))
+        FROM
+        (
+            SELECT affiliate_id, currency, order_id,
+                   sum(amount) AS payable,
+                   countIf(kind = 'approval') AS approvals,
+                   if(countIf(kind = 'approval' AND toDate(ts) < last) = 0
+                      OR countIf(toDate(ts) >= last) > 0, 1, 0) AS is_new
+            FROM
+            (
+                SELECT affiliate_id, currency, order_id, kind, amount, ts
+                FROM {database}.commission_facts FINAL
+                WHERE affiliate_id != '' AND ts < {end}
+            ) AS facts
+            ANY LEFT JOIN
+            (
+                SELECT affiliate_id, currency, max(until) AS last
+                FROM {database}.payout_lines FINAL
+                WHERE until < {_date_literal(until)}
+                  AND payout_id IN (SELECT payout_id FROM {database}.payouts FINAL)
+                GROUP BY affiliate_id, currency
+            ) AS paid
+            USING (affiliate_id, currency)
+            GROUP BY affiliate_id, currency, order_id
+            HAVING approvals > 0
+        )
+        GROUP BY affiliate_id, currency
+    """
+
+
+def read_balances(execute: Executor, database: str, until: date,
+                  currency: str | None = None) -> list[Balance]:
+    """Every affiliate × currency balance as of `until`, as `streams.rules.payouts.balances` gives
+    it from the facts (tests check the two agree), counting the lines of batches before it."""
+    payable = {(str(a), str(c)): (_to_decimal(amount), int(str(n)))
+               for a, c, amount, n in execute(balances_sql(database, until))}
+    paid: dict[tuple[str, str], Decimal] = {}
+    for line in read_paid_lines(execute, database):
+        if line.until < until:
+            key = (line.affiliate_id, line.currency)
+            paid[key] = paid.get(key, Decimal("0.00")) + line.amount
+    keys = set(payable) | set(paid)
+    if currency:
+        keys = {k for k in keys if k[1] == currency}
+    zero = (Decimal("0.00"), 0)
+    return [Balance(a, c, payable.get((a, c), zero)[0], paid.get((a, c), Decimal("0.00")),
+                    payable.get((a, c), zero)[1]) for a, c in sorted(keys)]
 
 
 def read_paid_lines(execute: Executor, database: str,

@@ -16,7 +16,7 @@ A DATE is a cut-off at 00:00 UTC of that day: `--until 2026-12-01` covers facts 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
@@ -132,25 +132,40 @@ def plan_batch(facts: Sequence[LedgerFact], earlier: Sequence[PaidLine], until: 
     if latest_until is not None and until <= latest_until:
         raise PayoutOutOfOrder(
             f"a batch cut off at {latest_until.isoformat()} exists; a new batch must be cut off later")
-    payout_id = payout_id_for(until)
-    # A balance of 0.00 is not a payment, whatever the minimum.
-    floor = max(minimum, Decimal("0.01"))
-    lines: list[PayoutLine] = []
-    carried: list[Balance] = []
     last_paid: dict[tuple[str, str], date] = {}
     for line in earlier:
         key = (line.affiliate_id, line.currency)
         last_paid[key] = max(line.until, last_paid.get(key, line.until))
     settled = _settled_facts(facts, last_paid)
     now_payable = payable_facts(facts, until)
-    for balance in balances(facts, earlier, until, currency):
-        key = (balance.affiliate_id, balance.currency)
+
+    def new_facts(key: tuple[str, str]) -> frozenset[str]:
+        return frozenset(f.fact_id for f in now_payable if (f.affiliate_id, f.currency) == key
+                         and f.fact_id not in settled.get(key, ()))
+
+    return batch_from_balances(balances(facts, earlier, until, currency), until, minimum=minimum,
+                               latest_until=latest_until, fact_ids=new_facts)
+
+
+def batch_from_balances(found: Sequence[Balance], until: date, *,
+                        minimum: Decimal = DEFAULT_MINIMUM, latest_until: date | None = None,
+                        fact_ids: Callable[[tuple[str, str]], frozenset[str]] = lambda key: frozenset(),
+                        ) -> Batch:
+    """The batch `payout-<until>` from balances as of `until` (`balances`, or the same sums made by
+    the database over a whole ledger): a line per balance ≥ `minimum`, the others carried."""
+    if latest_until is not None and until <= latest_until:
+        raise PayoutOutOfOrder(
+            f"a batch cut off at {latest_until.isoformat()} exists; a new batch must be cut off later")
+    payout_id = payout_id_for(until)
+    # A balance of 0.00 is not a payment, whatever the minimum.
+    floor = max(minimum, Decimal("0.01"))
+    lines: list[PayoutLine] = []
+    carried: list[Balance] = []
+    for balance in sorted(found, key=lambda b: (b.affiliate_id, b.currency)):
         if balance.amount >= floor:
-            fact_ids = frozenset(f.fact_id for f in now_payable
-                                 if (f.affiliate_id, f.currency) == key
-                                 and f.fact_id not in settled.get(key, ()))
             lines.append(PayoutLine(payout_id, balance.affiliate_id, balance.currency,
-                                    balance.amount, balance.orders, fact_ids))
+                                    balance.amount, balance.orders,
+                                    fact_ids((balance.affiliate_id, balance.currency))))
         elif balance.amount != ZERO:
             carried.append(balance)
     return Batch(payout_id, until, tuple(lines), tuple(carried))
