@@ -385,3 +385,30 @@ def test_a_user_who_may_not_write_reads_the_rollup_as_it_is_with_a_warning(debia
     # The refund is not in it yet: the rollup was read as it was.
     assert by_key(report.rows)["sally", "blog", "EUR"].net_commission == D("10.00")
     assert build_report(debian.client, debian.database, *EVERYTHING).warning is None
+
+
+def test_rollup_refresh_prints_the_months_it_rebuilt_and_fails_with_exit_1(
+    debian: Server, isolated: Any,
+) -> None:
+    import subprocess
+    import sys
+
+    def attribution(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "attribution", "rollup", "refresh", *args],
+                              env=dict(isolated.env, **env), capture_output=True, text=True,
+                              timeout=120)
+
+    debian.insert(two_months())
+    time.sleep(1.1)
+    first = attribution()
+    assert first.returncode == 0, first.stderr
+    assert "rebuilt 2026-10 in" in first.stdout and "rebuilt 2026-11 in" in first.stdout
+    assert "rebuilt 2 months (2026-10, 2026-11)" in first.stdout
+    again = attribution()
+    assert again.returncode == 0 and "nothing changed" in again.stdout
+    everything = attribution("--all")
+    assert "rebuilt 2 months" in everything.stdout
+    url = isolated.env["CLICKHOUSE_URL"].rsplit("/", 1)[0] + "/no_such_database"
+    failed = attribution(CLICKHOUSE_URL=url)
+    assert failed.returncode == 1
+    assert "cannot refresh the rollup" in failed.stderr and "Stack trace" not in failed.stderr
