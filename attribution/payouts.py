@@ -302,6 +302,26 @@ def mark_paid(
                          f"reference {batch.reference}")
 
 
+def statements_for(execute: Executor, database: str, affiliate_id: str, month: str) -> list[Any]:
+    """An affiliate's statements of a month (one per currency): its balances at the month's ends
+    summed by the database, the facts of the month's orders read, the rest the rules'."""
+    from sinks.payouts import (read_affiliate_currencies, read_balances, read_month_facts,
+                               read_paid_lines)
+    from streams.rules.payouts import Balances, month_bounds, statements
+
+    first, following = month_bounds(month)
+
+    def at(day: date) -> dict[str, Decimal]:
+        return {b.currency: b.amount
+                for b in read_balances(execute, database, day, affiliate_id=affiliate_id)}
+
+    known = Balances(at(first), at(following),
+                     read_affiliate_currencies(execute, database, affiliate_id, following))
+    return statements(affiliate_id, month,
+                      read_month_facts(execute, database, affiliate_id, first, following),
+                      read_paid_lines(execute, database, affiliate_id), known)
+
+
 STATEMENT_FIELDS = ("opening_balance", "accruals", "reversals", "clawbacks", "approvals",
                     "approved", "adjustments", "payouts", "closing_balance")
 
@@ -317,18 +337,15 @@ def statement(
 
     closing = opening + approved + adjustments - payouts (§9 balances at the month's first day and the next's).
     """
-    from sinks.payouts import read_affiliate_facts, read_paid_lines
-    from streams.rules.payouts import month_bounds, statements
+    from streams.rules.payouts import month_bounds
 
     _format(fmt, ("table", "csv", "json"))
     try:
-        _, following = month_bounds(month)
+        month_bounds(month)
     except ValueError as exc:
         raise _cli().fail(f"--month must be YYYY-MM, got {month!r}", 2) from exc
     with _clickhouse() as (execute, database, _config):
-        found = statements(affiliate_id, month,
-                           read_affiliate_facts(execute, database, affiliate_id, following),
-                           read_paid_lines(execute, database, affiliate_id))
+        found = statements_for(execute, database, affiliate_id, month)
     if fmt == "json":
         rows: list[dict[str, object]] = [
             {"affiliate_id": s.affiliate_id, "month": s.month, "currency": s.currency,

@@ -131,7 +131,7 @@ def read_payable_facts(execute: Executor, database: str, until: date) -> list[Le
     return _facts(execute, payable_facts_sql(database, until))
 
 
-def balances_sql(database: str, until: date) -> str:
+def balances_sql(database: str, until: date, affiliate_id: str | None = None) -> str:
     """Per affiliate × currency, the payable amount as of `until` (§9) and the orders in it not
     covered by the pair's last earlier line: `streams.rules.payouts.balances`' sums, made by the
     database so that a batch over a whole ledger (millions of orders) never leaves it fact by fact.
@@ -141,6 +141,7 @@ def balances_sql(database: str, until: date) -> str:
     `ts < L` is `toDate(ts) < L` for the UTC columns.
     """
     end = _datetime_literal(_cutoff(until))
+    only = f"AND affiliate_id = {quote(affiliate_id)}" if affiliate_id is not None else ""
     return f"""
         SELECT affiliate_id, currency, sum(payable), toUInt64(sum(is_new))
         FROM
@@ -154,13 +155,13 @@ def balances_sql(database: str, until: date) -> str:
             (
                 SELECT affiliate_id, currency, order_id, kind, amount, ts
                 FROM {database}.commission_facts FINAL
-                WHERE affiliate_id != '' AND ts < {end}
+                WHERE affiliate_id != '' AND ts < {end} {only}
             ) AS facts
             ANY LEFT JOIN
             (
                 SELECT affiliate_id, currency, max(until) AS last
                 FROM {database}.payout_lines FINAL
-                WHERE until < {_date_literal(until)}
+                WHERE until < {_date_literal(until)} {only}
                   AND payout_id IN (SELECT payout_id FROM {database}.payouts FINAL)
                 GROUP BY affiliate_id, currency
             ) AS paid
@@ -172,14 +173,15 @@ def balances_sql(database: str, until: date) -> str:
     """
 
 
-def read_balances(execute: Executor, database: str, until: date,
-                  currency: str | None = None) -> list[Balance]:
-    """Every affiliate × currency balance as of `until`, as `streams.rules.payouts.balances` gives
-    it from the facts (tests check the two agree), counting the lines of batches before it."""
+def read_balances(execute: Executor, database: str, until: date, currency: str | None = None,
+                  affiliate_id: str | None = None) -> list[Balance]:
+    """Every affiliate × currency balance as of `until` (or one affiliate's), as
+    `streams.rules.payouts.balances` gives it from the facts (tests check the two agree),
+    counting the lines of batches before it."""
     payable = {(str(a), str(c)): (_to_decimal(amount), int(str(n)))
-               for a, c, amount, n in execute(balances_sql(database, until))}
+               for a, c, amount, n in execute(balances_sql(database, until, affiliate_id))}
     paid: dict[tuple[str, str], Decimal] = {}
-    for line in read_paid_lines(execute, database):
+    for line in read_paid_lines(execute, database, affiliate_id):
         if line.until < until:
             key = (line.affiliate_id, line.currency)
             paid[key] = paid.get(key, Decimal("0.00")) + line.amount
@@ -286,6 +288,30 @@ def mark_paid(execute: Executor, database: str, payout_id: str, reference: str) 
 
 
 # --- statements ---------------------------------------------------------------------------------
+
+
+def read_month_facts(execute: Executor, database: str, affiliate_id: str, first: date,
+                     following: date) -> list[LedgerFact]:
+    """An affiliate's facts until a month's end, of the orders with a fact in the month: what a
+    statement lists (its balances come from `read_balances`, not from every fact of the past)."""
+    start, end = _datetime_literal(_cutoff(first)), _datetime_literal(_cutoff(following))
+    mine = f"affiliate_id = {quote(affiliate_id)}"
+    return _facts(execute, f"""
+        SELECT {_FACT_COLUMNS}
+        FROM {database}.commission_facts FINAL
+        WHERE {mine} AND ts < {end}
+          AND order_id IN (SELECT order_id FROM {database}.commission_facts
+                           WHERE {mine} AND ts >= {start} AND ts < {end})
+    """)
+
+
+def read_affiliate_currencies(execute: Executor, database: str, affiliate_id: str,
+                              before: date) -> frozenset[str]:
+    rows = execute(f"""
+        SELECT DISTINCT currency FROM {database}.commission_facts
+        WHERE affiliate_id = {quote(affiliate_id)} AND ts < {_datetime_literal(_cutoff(before))}
+    """)
+    return frozenset(str(row[0]) for row in rows)
 
 
 def read_affiliate_facts(execute: Executor, database: str, affiliate_id: str,

@@ -211,20 +211,37 @@ def month_bounds(month: str) -> tuple[date, date]:
     return first, following
 
 
+@dataclass(frozen=True, slots=True)
+class Balances:
+    """An affiliate's §9 balances per currency at a month's first day and the next's, and every
+    currency it has facts in until then: what `statements` needs beyond the month's own orders."""
+
+    opening: dict[str, Decimal]
+    closing: dict[str, Decimal]
+    currencies: frozenset[str]
+
+
 def statements(affiliate_id: str, month: str, facts: Sequence[LedgerFact],
-               earlier: Sequence[PaidLine]) -> list[Statement]:
+               earlier: Sequence[PaidLine], known: Balances | None = None) -> list[Statement]:
     """One statement per currency the affiliate has facts or payouts in.
 
     closing = opening + approved + adjustments − payouts, where opening and closing are the §9
     balances as of the first day of the month and of the next.
+
+    `facts` are the affiliate's facts until the month's end, or, with `known` balances (summed by
+    the database over the whole history), only those of the orders with a fact in the month.
     """
     first, following = month_bounds(month)
     start, end = cutoff(first), cutoff(following)
     mine = [f for f in facts if f.affiliate_id == affiliate_id]
     my_lines = [line for line in earlier if line.affiliate_id == affiliate_id]
-    currencies = sorted({f.currency for f in mine} | {line.currency for line in my_lines})
-    opening = {b.currency: b.amount for b in balances(mine, my_lines, first)}
-    closing = {b.currency: b.amount for b in balances(mine, my_lines, following)}
+    currencies = sorted({f.currency for f in mine} | {line.currency for line in my_lines}
+                        | (known.currencies if known else frozenset()))
+    if known is None:
+        opening = {b.currency: b.amount for b in balances(mine, my_lines, first)}
+        closing = {b.currency: b.amount for b in balances(mine, my_lines, following)}
+    else:
+        opening, closing = known.opening, known.closing
     approval_ts = {f.order_id: _naive_utc(f.ts) for f in mine if f.kind == "approval"}
     result: list[Statement] = []
     for currency in currencies:

@@ -124,3 +124,26 @@ def test_the_databases_balances_and_batches_are_the_rules_own(execute, seed):
     assert planned is not None
     assert "ann" not in {line.affiliate_id for line in planned.lines}
     assert [b for b in planned.carried if b.affiliate_id == "ann" and b.amount < 0]
+
+
+def test_statements_from_the_databases_balances_are_those_from_every_fact(execute):
+    """`attribution statement` reads the month's orders and sums the balances in the database;
+    the rules' statement over the affiliate's whole history is the definition."""
+    from attribution.payouts import statements_for
+    from sinks.payouts import read_affiliate_facts
+    from streams.rules.payouts import month_bounds, statements
+
+    database = execute.database
+    execute(INSERT.replace("{db}", database), random_ledger(3, orders=300))
+    create_or_get(execute, database, date(2026, 8, 10), D("50.00"), None, NOW)
+    create_or_get(execute, database, date(2026, 10, 3), D("20.00"), None, NOW)
+    compared = 0
+    for affiliate in ("ann", "bob", "eve", "nobody"):
+        for month in ("2026-06", "2026-08", "2026-10", "2026-12"):
+            _, following = month_bounds(month)
+            everything = statements(affiliate, month,
+                                    read_affiliate_facts(execute, database, affiliate, following),
+                                    read_paid_lines(execute, database, affiliate))
+            assert statements_for(execute, database, affiliate, month) == everything
+            compared += len(everything)
+    assert compared > 10
