@@ -569,16 +569,11 @@ def report_action(database: str, since: date, until: date) -> Action:
 
 
 def statement_action(database: str, affiliate: str, month: str) -> Action:
-    """`attribution statement AFFILIATE --month M`: the CLI's reads and rules."""
-    from sinks.payouts import read_affiliate_facts, read_paid_lines
-    from streams.rules.payouts import month_bounds, statements
-
-    _, following = month_bounds(month)
+    """`attribution statement AFFILIATE --month M`: the CLI's reads and rules (statements_for)."""
+    from attribution.payouts import statements_for
 
     def run(client: Client, execute: Executor) -> str:
-        found = statements(affiliate, month,
-                           read_affiliate_facts(execute, database, affiliate, following),
-                           read_paid_lines(execute, database, affiliate))
+        found = statements_for(execute, database, affiliate, month)
         return (f"{affiliate} {month}: {len(found)} currencies, "
                 f"{sum(len(s.orders) for s in found):,} orders in the month")
     return run
