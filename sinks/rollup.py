@@ -302,6 +302,25 @@ def _server_now(execute: "Executor") -> int:
     return _int(execute("SELECT toUnixTimestamp(now())")[0][0])
 
 
+#: A staging table this old was left by a rebuild that died (kill -9) between its CREATE and DROP:
+#: a month's rebuild takes seconds to minutes, so an hour never catches a live one.
+ABANDONED_STAGING_SECONDS = 3600
+
+
+def drop_abandoned_staging(execute: "Executor", database: str,
+                           older_than: int = ABANDONED_STAGING_SECONDS) -> list[str]:
+    """Drop the staging tables rebuilds left behind; returns their names."""
+    rows = execute(
+        f"SELECT name FROM system.tables WHERE database = {_literal(database)} "
+        f"AND startsWith(name, {_literal(TOTALS + '_staging_')}) "
+        f"AND metadata_modification_time < now() - {int(older_than)}"
+    )
+    names = [str(name) for (name,) in rows]
+    for name in names:
+        execute(f"DROP TABLE IF EXISTS {database}.{name}")
+    return names
+
+
 def rebuild_month(execute: "Executor", database: str, month: int) -> int:
     """Recompute one month of the rollup and swap it in; returns the rebuild's start (epoch s).
 
@@ -362,6 +381,8 @@ def refresh(
     changes = _source_changes(execute, database)
     marks = _marks(execute, database)
     built = _built_months(execute, database)
+    for name in drop_abandoned_staging(execute, database):
+        progress(f"dropped {name}, left by a rebuild that did not finish")
     if force:
         months = sorted(m for m in set(changes) | built if within is None or m in within)
     else:

@@ -412,3 +412,14 @@ def test_rollup_refresh_prints_the_months_it_rebuilt_and_fails_with_exit_1(
     failed = attribution(CLICKHOUSE_URL=url)
     assert failed.returncode == 1
     assert "cannot refresh the rollup" in failed.stderr and "Stack trace" not in failed.stderr
+
+
+def test_a_staging_table_left_by_a_killed_rebuild_is_dropped(debian: Server) -> None:
+    from sinks.rollup import drop_abandoned_staging
+
+    debian.execute(f"CREATE TABLE {{db}}.{TOTALS}_staging_202611_deadbeef AS {{db}}.{TOTALS}")
+    assert drop_abandoned_staging(debian.execute, debian.database) == []  # young: maybe running
+    assert drop_abandoned_staging(debian.execute, debian.database, older_than=-5) == [
+        f"{TOTALS}_staging_202611_deadbeef"]
+    assert debian.execute(f"SELECT count() FROM system.tables WHERE database = '{debian.database}'"
+                          f" AND name LIKE '%staging%'") == [(0,)]
