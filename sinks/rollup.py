@@ -399,7 +399,11 @@ def _refresh_view(execute: "Executor", database: str, force: bool,
     last_start = _view_last_start(execute, database)
     if not force and last_start is not None:
         changed = max(_source_changes(execute, database).values(), default=None)
-        if changed is None or changed < last_start:
+        if changed is None:
+            # No source rows at all: stale only if the rollup still has some.
+            if not _built_months(execute, database):
+                return False
+        elif changed < last_start:
             return False
     begun = time.monotonic()
     view = f"{database}.{REFRESH_VIEW}"
