@@ -342,12 +342,6 @@ def rebuild_month(execute: "Executor", database: str, month: int) -> int:
     return started
 
 
-def has_refresh_view(execute: "Executor", database: str) -> bool:
-    rows = execute(f"SELECT count() FROM system.tables WHERE database = {_literal(database)} "
-                   f"AND name = {_literal(REFRESH_VIEW)}")
-    return bool(_int(rows[0][0]))
-
-
 def _view_last_start(execute: "Executor", database: str) -> int | None:
     """Start of the view's latest successful refresh (epoch s), None before the first."""
     rows = execute(
@@ -397,8 +391,8 @@ def refresh(
 def _refresh_view(execute: "Executor", database: str, force: bool,
                   progress: Callable[[str], None]) -> bool:
     last_start = _view_last_start(execute, database)
+    changed = max(_source_changes(execute, database).values(), default=None)
     if not force and last_start is not None:
-        changed = max(_source_changes(execute, database).values(), default=None)
         if changed is None:
             # No source rows at all: stale only if the rollup still has some.
             if not _built_months(execute, database):
@@ -407,8 +401,15 @@ def _refresh_view(execute: "Executor", database: str, force: bool,
             return False
     begun = time.monotonic()
     view = f"{database}.{REFRESH_VIEW}"
-    execute(f"SYSTEM REFRESH VIEW {view}")
-    execute(f"SYSTEM WAIT VIEW {view}")
+    # A scheduled refresh already running when asked may have begun before the latest change,
+    # and the request then only waits for it: if so, once more (WAIT raises if it failed).
+    for _ in range(2):
+        requested = _server_now(execute)
+        execute(f"SYSTEM REFRESH VIEW {view}")
+        execute(f"SYSTEM WAIT VIEW {view}")
+        last_start = _view_last_start(execute, database)
+        if last_start is None or last_start >= requested or changed is None or changed < last_start:
+            break
     progress(f"refreshed {REFRESH_VIEW} in {time.monotonic() - begun:.1f} s")
     return True
 
