@@ -342,6 +342,21 @@ def rebuild_month(execute: "Executor", database: str, month: int) -> int:
     return started
 
 
+def has_refresh_view(execute: "Executor", database: str) -> bool:
+    rows = execute(f"SELECT count() FROM system.tables WHERE database = {_literal(database)} "
+                   f"AND name = {_literal(REFRESH_VIEW)}")
+    return bool(_int(rows[0][0]))
+
+
+def create_refresh_view_sql(database: str, options: "SchemaOptions") -> str:
+    """Migration 0007's view, for a database that lacks it on a server that can hold it (one
+    migrated on 18.16, then upgraded)."""
+    return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{REFRESH_VIEW}\n"
+            f"REFRESH EVERY {options.rollup_refresh_seconds} SECOND\n"
+            f"TO {database}.{TOTALS}\nAS\n"
+            f"{totals_select(database, click_horizon=click_horizon_sql(options.clicks_ttl_days))}")
+
+
 def _view_last_start(execute: "Executor", database: str) -> int | None:
     """Start of the view's latest successful refresh (epoch s), None before the first."""
     rows = execute(
@@ -358,19 +373,16 @@ def refresh(
     *,
     within: MonthRange | None = None,
     force: bool = False,
-    dialect: "Dialect | None" = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> RefreshResult:
     """Bring the rollup up to date for the months `within` (all when None).
 
-    18.16: rebuild each stale month (every month with `force`). Current servers: refresh the
-    view and wait for it when a source changed since its last refresh started (always with
-    `force`); the view recomputes every month, so `within` does not narrow it.
+    Where the refreshable view exists (current servers): refresh it and wait for it when a
+    source changed since its last refresh started (always with `force`); it recomputes every
+    month, so `within` does not narrow it. Elsewhere (18.16): rebuild each stale month (every
+    month with `force`).
     """
-    from .migrate import Dialect
-
-    dialect = dialect or Dialect.detect(execute)
-    if dialect.refreshable_views:
+    if has_refresh_view(execute, database):
         return RefreshResult(view_refreshed=_refresh_view(execute, database, force, progress))
     changes = _source_changes(execute, database)
     marks = _marks(execute, database)
@@ -414,13 +426,10 @@ def _refresh_view(execute: "Executor", database: str, force: bool,
     return True
 
 
-def refreshed_at(execute: "Executor", database: str, within: MonthRange | None = None,
-                 dialect: "Dialect | None" = None) -> datetime | None:
+def refreshed_at(execute: "Executor", database: str,
+                 within: MonthRange | None = None) -> datetime | None:
     """When the rollup's oldest part for `within` was last recomputed (UTC); None if never."""
-    from .migrate import Dialect
-
-    dialect = dialect or Dialect.detect(execute)
-    if dialect.refreshable_views:
+    if has_refresh_view(execute, database):
         started = _view_last_start(execute, database)
     else:
         months = {m: s for m, s in _marks(execute, database).items() if within is None or m in within}
@@ -451,12 +460,15 @@ def refresh_period_seconds(create_query: str) -> int | None:
 def reconcile(execute: "Executor", database: str, dialect: "Dialect", options: "SchemaOptions",
               progress: Callable[[str], None] = lambda _: None) -> None:
     """Make the view follow the settings (current servers; 18.16: nothing): its refresh period
-    ROLLUP_REFRESH_SECONDS, its click horizon CLICKHOUSE_CLICKS_TTL_DAYS."""
+    ROLLUP_REFRESH_SECONDS, its click horizon CLICKHOUSE_CLICKS_TTL_DAYS; and create it where
+    it is missing (a database migrated on 18.16 before the server was upgraded)."""
     if not dialect.refreshable_views:
         return
     rows = execute(f"SELECT create_table_query FROM system.tables WHERE database = "
                    f"{_literal(database)} AND name = {_literal(REFRESH_VIEW)}")
     if not rows:
+        progress(f"  creating {REFRESH_VIEW} (this server has refreshable views)")
+        execute(create_refresh_view_sql(database, options))
         return
     create_query = str(rows[0][0])
     period = refresh_period_seconds(create_query)

@@ -429,3 +429,21 @@ def test_a_staging_table_left_by_a_killed_rebuild_is_dropped(debian: Server) -> 
         f"{TOTALS}_staging_202611_deadbeef"]
     assert debian.execute(f"SELECT count() FROM system.tables WHERE database = '{debian.database}'"
                           f" AND name LIKE '%staging%'") == [(0,)]
+
+
+def test_a_current_server_without_the_view_rebuilds_months_until_db_migrate_creates_it(
+    current: Server,
+) -> None:
+    """A database migrated on 18.16 and then served by a current ClickHouse has no view."""
+    current.execute(f"DROP TABLE {{db}}.{TOTALS}_refresh")
+    current.insert(two_months())
+    time.sleep(1.1)
+    assert current.refresh().rebuilt == [OCT, NOV]
+    assert current.report() == current.live_report()
+    migrate_server(current.target)
+    late = Traffic()
+    late.fact("o1", "reversal", "-4.00", "clawback", datetime(2026, 11, 20), datetime(2026, 10, 3, 11),
+              "sally", "blog")
+    current.insert(late)
+    assert current.refresh().view_refreshed
+    assert current.report() == current.live_report()

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinks.migrate import available_migrations
+from sinks.migrate import Dialect, SchemaOptions, available_migrations, render
 from sinks.rollup import (
     ClickHorizon,
     MonthRange,
     click_horizon_sql,
+    create_refresh_view_sql,
     format_month,
     month_of,
     month_start,
@@ -193,3 +194,13 @@ def test_the_horizon_is_read_back_from_the_servers_text_of_the_query() -> None:
     assert ClickHorizon.parse(ClickHorizon(800, date(2025, 10, 29)).sql()) == ClickHorizon(
         800, date(2025, 10, 29))
     assert ClickHorizon.parse("SELECT 1") is None
+
+
+def test_the_view_reconcile_creates_where_it_is_missing_is_migration_0007s() -> None:
+    (migration,) = [m for m in available_migrations() if m.name == "rollup"]
+    options = SchemaOptions(clicks_ttl_days=90, rollup_refresh_seconds=30)
+    [view] = [statement for statement in render(migration.sql, "db", Dialect((26, 9)), options)
+              if statement.sql.startswith("CREATE MATERIALIZED VIEW")]
+    assert _squeeze(create_refresh_view_sql("db", options)) == _squeeze(view.sql)
+    assert not [statement for statement in render(migration.sql, "db", Dialect((18, 16)), options)
+                if "MATERIALIZED VIEW" in statement.sql]
