@@ -467,28 +467,37 @@ class Timing:
     name: str
     target: float | None
     runs: list[float] = field(default_factory=list)
+    #: Per run, the part of it spent in the driver's execute: ClickHouse, the network, decoding.
+    clickhouse_runs: list[float] = field(default_factory=list)
     detail: str = ""
     #: The run was stopped at `--give-up` seconds: the figure is a lower bound.
     stopped: bool = False
     #: The largest resident set of a run's process (the CLI's would be the same), MB.
     peak_rss_mb: int = 0
+    #: The query failed (its exception); no figures then.
+    error: str | None = None
 
     @property
     def median(self) -> float:
-        return statistics.median(self.runs)
+        return statistics.median(self.runs) if self.runs else float("nan")
 
     @property
     def max(self) -> float:
-        return max(self.runs)
+        return max(self.runs) if self.runs else float("nan")
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None else (not self.stopped and self.median <= self.target)
+        if self.target is None:
+            return None
+        return bool(self.runs) and not self.stopped and self.median <= self.target
 
     def as_dict(self) -> dict[str, Any]:
         return {"query": self.name, "target_s": self.target, "runs_s": [round(r, 3) for r in self.runs],
-                "median_s": round(self.median, 3), "max_s": round(self.max, 3), "met": self.met,
-                "stopped": self.stopped, "peak_rss_mb": self.peak_rss_mb, "detail": self.detail}
+                "median_s": round(self.median, 3), "max_s": round(self.max, 3),
+                "clickhouse_median_s": round(statistics.median(self.clickhouse_runs), 3)
+                if self.clickhouse_runs else None,
+                "met": self.met, "stopped": self.stopped, "error": self.error,
+                "peak_rss_mb": self.peak_rss_mb, "detail": self.detail}
 
 
 #: What a measured query does, given a client of the database and an Executor over it: it
@@ -500,46 +509,77 @@ def _run_child(pipe: Any, target: ClickHouseTarget, action: Action) -> None:
     try:
         with clickhouse(target) as (client, execute):
             execute("SELECT 1")  # connected before the clock starts, as a CLI run is
+            waited = [0.0]
+            plain = client.execute
+
+            def execute_timed(*args: Any, **kwargs: Any) -> Any:
+                """The client's execute, its time added up: what the run spent waiting for
+                ClickHouse and the driver, the rest being Python (the rules, the report's merge)."""
+                began = time.perf_counter()
+                try:
+                    return plain(*args, **kwargs)
+                finally:
+                    waited[0] += time.perf_counter() - began
+
+            # This child's own client: nothing else sees the wrapper.
+            client.execute = execute_timed  # type: ignore[method-assign]
             started = time.perf_counter()
             detail = action(client, execute)
             seconds = time.perf_counter() - started
-        pipe.send((seconds, detail, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, None))
+        pipe.send(Run(seconds, waited[0], detail,
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
     except BaseException as exc:  # reported by the parent, whatever it was
-        pipe.send((0.0, "", 0, f"{type(exc).__name__}: {exc}"))
+        pipe.send(Run(0.0, 0.0, "", 0, error=f"{type(exc).__name__}: {exc}"))
 
 
-def run_once(target: ClickHouseTarget, action: Action, give_up: float) -> tuple[float, str, int, bool]:
-    """One run of `action` in a child process of its own (forked): (seconds, detail, peak RSS
-    MB, stopped). A run still going after `give_up` seconds is killed: (give_up, ..., True)."""
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    #: Of `seconds`, the time spent in the driver's execute (ClickHouse, network, decoding).
+    clickhouse_seconds: float
+    detail: str
+    peak_rss_mb: int
+    stopped: bool = False
+    error: str | None = None
+
+
+def run_once(target: ClickHouseTarget, action: Action, give_up: float) -> Run:
+    """One run of `action` in a child process of its own (forked). A run still going after
+    `give_up` seconds is killed and counted as `give_up` seconds, stopped."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_run_child, args=(sender, target, action), daemon=True)
     child.start()
     try:
         if not receiver.poll(give_up):
-            return give_up, f"stopped after {give_up:.0f} s", 0, True
-        seconds, detail, rss, error = receiver.recv()
+            return Run(give_up, 0.0, f"stopped after {give_up:.0f} s", 0, stopped=True)
+        outcome: Run = receiver.recv()
+        return outcome
     finally:
         if child.is_alive():
             child.kill()
         child.join()
-    if error is not None:
-        raise RuntimeError(f"the measured query failed: {error}")
-    return seconds, detail, rss, False
 
 
 def timed(target: ClickHouseTarget, name: str, goal: float | None, action: Action, runs: int,
           patience: float, give_up: float, say: Callable[[str], None],
           before: Callable[[], None] = lambda: None) -> Timing:
-    """`action` run `runs` times (once if its first run exceeds `patience` s)."""
+    """`action` run `runs` times (once if its first run exceeds `patience` s or fails)."""
     timing = Timing(name, goal)
     for _ in range(runs):
         before()
-        seconds, timing.detail, rss, timing.stopped = run_once(target, action, give_up)
-        timing.runs.append(seconds)
-        timing.peak_rss_mb = max(timing.peak_rss_mb, rss)
-        say(f"  {name}: {seconds:.3f} s ({timing.detail})")
-        if timing.stopped or seconds > patience:
+        run = run_once(target, action, give_up)
+        if run.error is not None:
+            timing.error = run.error
+            say(f"  {name}: FAILED: {run.error}")
+            break
+        timing.runs.append(run.seconds)
+        timing.clickhouse_runs.append(run.clickhouse_seconds)
+        timing.detail, timing.stopped = run.detail, run.stopped
+        timing.peak_rss_mb = max(timing.peak_rss_mb, run.peak_rss_mb)
+        say(f"  {name}: {run.seconds:.3f} s, {run.clickhouse_seconds:.3f} s of it in ClickHouse "
+            f"({run.detail})")
+        if run.stopped or run.seconds > patience:
             break
     return timing
 
@@ -691,39 +731,48 @@ def machine() -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The measured queries, one line each: median, max, target, met, and the current engine's."""
+    """The measured queries, one line each: median, max, the median's part in ClickHouse, target,
+    met; with --current the same on the current engine and the ratio of the medians."""
     local = {t["query"]: t for t in results.get("local", {}).get("timings", [])}
     current = {t["query"]: t for t in results.get("current", {}).get("timings", [])}
-    header = f"{'query':34} {'median':>9} {'max':>9} {'target':>7} {'met':>4}"
+    figures = f"{'median':>10} {'max':>10} {'in CH':>9}"
+    header = f"{'query':34} {figures} {'target':>7} {'met':>4}"
     if current:
-        header += f" {'current median':>15} {'max':>9} {'met':>4} {'current/local':>14}"
+        header += f"  | 26.9: {figures} {'met':>4} {'26.9/18.16':>10}"
     lines = [header]
     for name in dict.fromkeys([*local, *current]):
         mine, theirs = local.get(name), current.get(name)
         first = mine or theirs
         assert first is not None
         target = f"{first['target_s']:.0f} s" if first["target_s"] is not None else "—"
-        line = f"{name:34} "
-        line += (f"{_seconds(mine, 'median_s'):>9} {_seconds(mine, 'max_s'):>9} {target:>7} "
-                 f"{_met(mine['met']):>4}") if mine else f"{'':9} {'':9} {target:>7} {'':>4}"
-        if current and theirs:
-            ratio = (f"{theirs['median_s'] / mine['median_s']:.2f}"
-                     if mine and mine["median_s"] else "")
-            if mine and (mine["stopped"] or theirs["stopped"]):
-                ratio = "—"
-            line += (f" {_seconds(theirs, 'median_s'):>15} {_seconds(theirs, 'max_s'):>9} "
-                     f"{_met(theirs['met']):>4} {ratio:>14}")
+        line = f"{name:34} {_figures(mine)} {target:>7} {_met(mine):>4}"
+        if current:
+            ratio = ""
+            if (mine and theirs and not mine["error"] and not theirs["error"]
+                    and not mine["stopped"] and not theirs["stopped"] and mine["median_s"]):
+                ratio = f"{theirs['median_s'] / mine['median_s']:.2f}"
+            line += f"  |       {_figures(theirs)} {_met(theirs):>4} {ratio:>10}"
         lines.append(line)
     return "\n".join(lines)
 
 
-def _seconds(timing: dict[str, Any], key: str) -> str:
-    """A figure in seconds; "> N s" for a run stopped at --give-up."""
-    return f"{'>' if timing['stopped'] else ''}{timing[key]:.3f}s"
+def _figures(timing: dict[str, Any] | None) -> str:
+    """median, max and the median's ClickHouse part; "> N s" for a run stopped at --give-up."""
+    if timing is None:
+        return f"{'':>10} {'':>10} {'':>9}"
+    if timing["error"]:
+        return f"{'failed':>10} {'':>10} {'':>9}"
+    more = ">" if timing["stopped"] else ""
+    in_clickhouse = timing["clickhouse_median_s"]
+    return (f"{more + format(timing['median_s'], '.3f') + 's':>10} "
+            f"{more + format(timing['max_s'], '.3f') + 's':>10} "
+            f"{(format(in_clickhouse, '.3f') + 's') if in_clickhouse is not None and not more else '':>9}")
 
 
-def _met(met: bool | None) -> str:
-    return "—" if met is None else ("yes" if met else "NO")
+def _met(timing: dict[str, Any] | None) -> str:
+    if timing is None:
+        return ""
+    return "—" if timing["met"] is None else ("yes" if timing["met"] else "NO")
 
 
 def run(url: str, database: str, history: History, runs: int, patience: float, give_up: float,
