@@ -9,7 +9,7 @@ approved once it has an approval fact, else its accrual's status.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -121,11 +121,20 @@ def _stale_warning(execute: Executor, database: str, within: MonthRange, error: 
     if last is None:
         age = "some of its months were never refreshed"
     else:
-        minutes = max(0, int((now - last).total_seconds() // 60))
-        age = (f"last refreshed {last:%Y-%m-%d %H:%M:%S} UTC, "
-               f"{minutes // 60} h {minutes % 60} min ago")
+        age = f"last refreshed {last:%Y-%m-%d %H:%M:%S} UTC, {_age(now - last)} ago"
     return (f"this user may not refresh the rollup ({why}): it is read as it is, {age}; "
             "run `attribution rollup refresh` as a user who may write")
+
+
+def _age(elapsed: timedelta) -> str:
+    seconds = max(0, int(elapsed.total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h {minutes % 60} min" if hours < 48 else f"{hours // 24} days"
 
 
 def _merge_currencyless(rows: dict[tuple[str, str, str], ReportRow]) -> list[ReportRow]:
