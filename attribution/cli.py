@@ -360,6 +360,11 @@ def report(
     since: Optional[str] = SINCE,
     until: Optional[str] = UNTIL,
     fmt: str = FORMAT,
+    max_age: float = typer.Option(
+        0, "--max-age", min=0, metavar="SECONDS",
+        help="Read the rollup as it is when it was recomputed less than SECONDS ago (a busy "
+             "store's current month is always stale, and its rebuild takes seconds). Default 0: "
+             "always bring it up to date first, exact to the last row written."),
 ) -> None:
     """Per affiliate and channel: clicks, shares, orders, conversion, revenue, commission.
 
@@ -368,7 +373,7 @@ def report(
     from sinks.report import build_report
 
     def rows(client: Any, database: str, first: date, last: date) -> list[dict[str, object]]:
-        found = build_report(client, database, first, last)
+        found = build_report(client, database, first, last, max_age_seconds=max_age)
         if found.warning:
             console.print(f"[yellow]warning:[/] {found.warning}")
         return [r.as_dict() for r in found.rows]

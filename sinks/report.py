@@ -69,17 +69,24 @@ class Report:
 
 
 def build_report(client: Client, database: str, since: date, until: date, *,
-                 refresh: bool = True) -> Report:
+                 refresh: bool = True, max_age_seconds: float = 0) -> Report:
     """The report for days since..until, read from the rollup's rows of those days only.
 
     With `refresh`, the rollup's months in the range are brought up to date first
-    (`sinks.rollup.refresh`). A user who may not write (e.g. the `bi` user) reads the rollup as
-    it is, and the report carries a warning saying how old it is.
+    (`sinks.rollup.refresh`), unless they were recomputed less than `max_age_seconds` ago (0:
+    always; a busy store's current month is always stale, and its rebuild takes seconds). A user
+    who may not write (e.g. the `bi` user) reads the rollup as it is, and the report carries a
+    warning saying how old it is.
     """
     def execute(sql: str, rows: list[tuple[object, ...]] | None = None) -> list[tuple[object, ...]]:
         return client.execute(sql, rows) if rows is not None else client.execute(sql)  # type: ignore[no-any-return]
 
     warning = None
+    if refresh and max_age_seconds > 0:
+        last = refreshed_at(execute, database, MonthRange.of_days(since, until))
+        now = datetime.fromtimestamp(int(str(execute("SELECT toUnixTimestamp(now())")[0][0])),
+                                     timezone.utc)
+        refresh = last is None or (now - last).total_seconds() >= max_age_seconds
     if refresh:
         within = MonthRange.of_days(since, until)
         try:

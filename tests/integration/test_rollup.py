@@ -447,3 +447,17 @@ def test_a_current_server_without_the_view_rebuilds_months_until_db_migrate_crea
     current.insert(late)
     assert current.refresh().view_refreshed
     assert current.report() == current.live_report()
+
+
+def test_max_age_reads_a_recent_rollup_as_it_is_and_refreshes_an_older_one(either: Server) -> None:
+    """`report --max-age S`: no rebuild when the months were recomputed less than S ago (a busy
+    store's current month is always stale); the default, 0, is exact to the last row."""
+    either.insert(two_months())
+    either.refresh()
+    before = sum(r.clicks for r in either.report())
+    more = Traffic()
+    more.click("late-click", datetime(2026, 11, 3, 9), "sally", "blog")
+    either.insert(more)
+    hour = build_report(either.client, either.database, *EVERYTHING, max_age_seconds=3600).rows
+    assert sum(r.clicks for r in hour) == before  # read as it is: recomputed seconds ago
+    assert sum(r.clicks for r in either.report()) == before + 1  # max-age 0: brought up to date
