@@ -4,7 +4,9 @@ Import the fixtures into a test module that needs them:
 
     from integration.current_engine import current_clickhouse, current_target  # noqa: F401
 
-Both skip, saying why, when the pinned chdb-core is not installed.
+The current ones skip, saying why, when the pinned chdb-core is not installed. `debian_target` is
+a database on the local 18.16; `engine_target` runs a test once on each server (import
+`current_server`, `current_target` and `debian_target` with it).
 """
 
 from __future__ import annotations
@@ -50,3 +52,35 @@ def current_target(current_server: CurrentClickHouse) -> Iterator[ClickHouseTarg
         client.execute(f"DROP DATABASE IF EXISTS {target.database}")
     finally:
         client.disconnect()
+
+
+@pytest.fixture
+def debian_target(request: pytest.FixtureRequest) -> Iterator[ClickHouseTarget]:
+    """A database of this test's own on the local 18.16 (not created), dropped after it.
+
+    Only ClickHouse is needed: the `stack` fixture (which starts Kafka too) only when ClickHouse
+    is not running, so a broker held down on purpose elsewhere is left alone.
+    """
+    from deploy.stack import Stack
+    from sinks.clickhouse import connect
+
+    local = Stack()
+    if not local.status().clickhouse.running:
+        local = request.getfixturevalue("stack")
+    target = ClickHouseTarget(
+        f"clickhouse://default@{local.clickhouse_address}/t_{uuid.uuid4().hex[:10]}")
+    yield target
+    client = connect(target, with_database=False)
+    try:
+        client.execute(f"DROP DATABASE IF EXISTS {target.database}")
+    finally:
+        client.disconnect()
+
+
+@pytest.fixture(params=["debian_18_16", "current"])
+def engine_target(request: pytest.FixtureRequest) -> ClickHouseTarget:
+    """A database of this test's own (not created), on the local 18.16 and on the current server:
+    the test runs once on each."""
+    name = "debian_target" if request.param == "debian_18_16" else "current_target"
+    target: ClickHouseTarget = request.getfixturevalue(name)
+    return target

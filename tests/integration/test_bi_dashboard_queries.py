@@ -16,7 +16,7 @@ from integration.current_engine import current_server, current_target  # noqa: F
 from schemas.config import ClickHouseTarget
 from sinks.clickhouse import connect
 
-from test_order_state import debian_target  # noqa: F401
+from integration.current_engine import debian_target  # noqa: F401
 from test_sql_cookbook import T, money, seed
 from unit.deploy.test_bi_dashboard import dashboard
 

@@ -8,8 +8,6 @@ checked against what production writes, not against rows shaped by hand.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from attribution.payouts import create_or_get
-from integration.current_engine import current_server, current_target  # noqa: F401
+from integration.current_engine import current_server, current_target, debian_target  # noqa: F401
 from schemas.config import ClickHouseTarget
 from schemas.events import Review
 from schemas.facts import AbuseFlag
@@ -222,28 +220,6 @@ def check_order_states(target: ClickHouseTarget) -> None:
     finally:
         client.disconnect()
     assert states(target) == EXPECTED
-
-
-@pytest.fixture
-def debian_target(request: pytest.FixtureRequest) -> Iterator[ClickHouseTarget]:
-    """A database of this test's own on the local 18.16 (not created), dropped after it.
-
-    Only ClickHouse is needed: the `stack` fixture (which starts Kafka too) only when ClickHouse
-    is not running, so a broker held down on purpose elsewhere is left alone.
-    """
-    from deploy.stack import Stack
-
-    local = Stack()
-    if not local.status().clickhouse.running:
-        local = request.getfixturevalue("stack")
-    target = ClickHouseTarget(
-        f"clickhouse://default@{local.clickhouse_address}/t_{uuid.uuid4().hex[:10]}")
-    yield target
-    client = connect(target, with_database=False)
-    try:
-        client.execute(f"DROP DATABASE IF EXISTS {target.database}")
-    finally:
-        client.disconnect()
 
 
 def test_every_order_state_on_the_debian_server(debian_target: ClickHouseTarget) -> None:

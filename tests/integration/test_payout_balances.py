@@ -6,7 +6,6 @@ batches for random ledgers and successive batches, on Debian's 18.16 and on Clic
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +13,9 @@ from decimal import Decimal
 import pytest
 
 from attribution.payouts import create_or_get
-from integration.current_engine import current_server, current_target  # noqa: F401
+from integration.current_engine import (  # noqa: F401
+    current_server, current_target, debian_target, engine_target)
+from schemas.config import ClickHouseTarget
 from sinks.migrate import migrate
 from sinks.payouts import read_balances, read_paid_lines, read_payable_facts
 from streams.rules.payouts import balances, plan_batch
@@ -58,29 +59,18 @@ def random_ledger(seed: int, orders: int = 400) -> list[tuple[object, ...]]:
     return rows
 
 
-@pytest.fixture(params=["debian_18_16", "current"])
-def execute(request) -> Iterator:
-    if request.param == "debian_18_16":
-        from clickhouse_driver import Client
+@pytest.fixture
+def execute(engine_target: ClickHouseTarget) -> Iterator:
+    from sinks.clickhouse import connect
 
-        stack = request.getfixturevalue("stack")
-        host, port = stack.clickhouse_address.split(":")
-        client = Client(host=host, port=int(port))
-        database = f"bal_{uuid.uuid4().hex[:10]}"
-    else:
-        from sinks.clickhouse import connect
-
-        target = request.getfixturevalue("current_target")
-        client = connect(target, with_database=False)
-        database = target.database
+    client = connect(engine_target, with_database=False)
 
     def run(sql: str, rows=None):
         return client.execute(sql, rows) if rows is not None else client.execute(sql)
 
-    run.database = database  # type: ignore[attr-defined]
-    migrate(run, database)
+    run.database = engine_target.database  # type: ignore[attr-defined]
+    migrate(run, engine_target.database)
     yield run
-    client.execute(f"DROP DATABASE IF EXISTS {database}")
     client.disconnect()
 
 

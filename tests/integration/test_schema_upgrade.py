@@ -4,14 +4,15 @@ and TTLs follow the settings on the server that has them."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 
 import pytest
 
-from integration.current_engine import current_server, current_target  # noqa: F401
+from integration.current_engine import (  # noqa: F401
+    current_server, current_target, debian_target, engine_target)
+from schemas.config import ClickHouseTarget
 from sinks.migrate import (
     MIGRATIONS_TABLE,
     Dialect,
@@ -71,27 +72,16 @@ class Server:
         return sorted(tuple(map(str, row)) for row in self(f"SELECT {columns} FROM {{db}}.{table} FINAL"))
 
 
-@pytest.fixture(params=["debian_18_16", "current"])
-def server(request) -> Iterator[Server]:
-    if request.param == "debian_18_16":
-        from clickhouse_driver import Client
+@pytest.fixture
+def server(engine_target: ClickHouseTarget) -> Iterator[Server]:
+    from sinks.clickhouse import connect
 
-        stack = request.getfixturevalue("stack")
-        host, port = stack.clickhouse_address.split(":")
-        client = Client(host=host, port=int(port))
-        database = f"up_{uuid.uuid4().hex[:10]}"
-    else:
-        from sinks.clickhouse import connect
-
-        target = request.getfixturevalue("current_target")
-        client = connect(target, with_database=False)
-        database = target.database
+    client = connect(engine_target, with_database=False)
 
     def execute(sql: str, rows=None):
         return client.execute(sql, rows) if rows is not None else client.execute(sql)
 
-    yield Server(execute, database)
-    client.execute(f"DROP DATABASE IF EXISTS {database}")
+    yield Server(execute, engine_target.database)
     client.disconnect()
 
 

@@ -27,7 +27,8 @@ from sinks.rollup import refresh
 from sinks.rows import click_row, fact_row, flag_rows, order_row, share_row
 
 from test_current_engine import fact, order, write  # tests/integration/test_current_engine.py
-from test_order_state import debian_target, unattributed  # noqa: F401
+from integration.current_engine import debian_target  # noqa: F401
+from test_order_state import unattributed
 
 pytestmark = pytest.mark.integration
 

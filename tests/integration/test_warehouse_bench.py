@@ -29,7 +29,7 @@ def bench(request: pytest.FixtureRequest) -> Iterator[tuple[ClickHouseTarget, li
     """The history generated and measured once (one run each) in a database of the module's own.
 
     Only ClickHouse is needed: the `stack` fixture (which starts Kafka too) only when ClickHouse
-    is not running, as test_order_state.py's `debian_target` does.
+    is not running, as integration.current_engine's `debian_target` does.
     """
     from deploy.stack import Stack
 
