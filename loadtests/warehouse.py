@@ -2,7 +2,8 @@
 
     python -m loadtests.warehouse [--clicks 200000000] [--orders 10000000] [--days 180]
         [--database attribution_bench] [--url CLICKHOUSE_URL] [--runs 3] [--patience 120]
-        [--give-up 600] [--keep] [--current] [--skip-local] [--end DATE] [--json FILE]
+        [--give-up 600] [--settle 600] [--keep] [--current] [--skip-local] [--end DATE]
+        [--json FILE]
 
 1. **generate** — a store's history is written by the server itself, `INSERT INTO ... SELECT ...
    FROM numbers(N)` in chunks (nothing crosses the network), into a database of its own made by
@@ -92,16 +93,20 @@ REFERRERS = {"facebook": "l.facebook.com", "instagram": "l.instagram.com",
              "tiktok": "www.tiktok.com", "youtube": "www.youtube.com", "twitter": "t.co",
              "blog": "blog.example"}
 
-#: Rows per INSERT ... SELECT: big enough that per-statement costs vanish, small enough that one
-#: statement's sort stays well inside the server's memory limit (10 GB on the local 18.16).
-CLICK_CHUNK = 10_000_000
-ORDER_CHUNK = 2_000_000
+#: Source rows per INSERT ... SELECT, (clicks, orders), by server. Measured here at 10M clicks:
+#: 18.16 inserts 790k clicks/s in statements of 1M rows (its insert block) and 280k/s in
+#: statements of 10M (one thread sorts the whole statement); 26.9 830k/s with 10M and 450k/s
+#: with 1M (it sorts and writes in parallel).
+CHUNKS_18_16 = (1_000_000, 1_000_000)
+CHUNKS_CURRENT = (10_000_000, 2_000_000)
 #: After generation, wait at most this long for the server's background merges to finish, so
 #: that the measurements do not share the cores with them (they may still be running after).
 SETTLE_SECONDS = 600.0
 #: Generation statements run for minutes; the project's client gives up on a silent socket
 #: after 60 s (right for the worker, not here).
 GENERATION_TIMEOUT_SECONDS = 3_600
+#: At most one progress line per table this often.
+PROGRESS_SECONDS = 15.0
 #: The bench's own record of what it generated (for --keep), beside the schema's tables.
 HISTORY_TABLE = "warehouse_bench_history"
 
@@ -382,11 +387,12 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def generate(target: ClickHouseTarget, history: History, say: Callable[[str], None],
-             *, keep: bool = False) -> tuple[History, Generation]:
+             *, keep: bool = False,
+             settle_limit: float = SETTLE_SECONDS) -> tuple[History, Generation]:
     """Create the database with the project's migrations and write `history` into it.
 
     With `keep`, a history of the same sizes already there is reused (its own end date)."""
-    from sinks.migrate import migrate_server
+    from sinks.migrate import Dialect, migrate_server
 
     outcome = Generation()
     with clickhouse(target, timeout=GENERATION_TIMEOUT_SECONDS, with_database=False) as (_, execute):
@@ -402,26 +408,29 @@ def generate(target: ClickHouseTarget, history: History, say: Callable[[str], No
     migrate_server(target, progress=say)
     with clickhouse(target, timeout=GENERATION_TIMEOUT_SECONDS) as (_, execute):
         db = target.database
+        click_chunk, order_chunk = (
+            CHUNKS_CURRENT if Dialect.detect(execute).low_cardinality else CHUNKS_18_16)
         steps: list[tuple[str, int, int, Callable[[int, int], list[str]]]] = [
-            ("clicks", history.clicks, CLICK_CHUNK,
+            ("clicks", history.clicks, click_chunk,
              lambda o, c: [clicks_sql(db, history, o, c)]),
-            ("shares", history.shares, CLICK_CHUNK, lambda o, c: [shares_sql(db, history, o, c)]),
-            ("attributed_orders", history.orders, ORDER_CHUNK,
+            ("shares", history.shares, click_chunk, lambda o, c: [shares_sql(db, history, o, c)]),
+            ("attributed_orders", history.orders, order_chunk,
              lambda o, c: [orders_sql(db, history, o, c)]),
-            ("commission_facts", history.orders, ORDER_CHUNK,
+            ("commission_facts", history.orders, order_chunk,
              lambda o, c: facts_sql(db, history, o, c)),
-            ("abuse_flags", history.orders, ORDER_CHUNK,
+            ("abuse_flags", history.orders, order_chunk,
              lambda o, c: [flags_sql(db, history, o, c)]),
         ]
         for table, total, size, statements in steps:
-            table_started = time.monotonic()
+            table_started = said = time.monotonic()
             for offset, count in _chunks(total, size):
                 for sql in statements(offset, count):
                     execute(sql)
-                done = offset + count
-                elapsed = time.monotonic() - table_started
-                say(f"  {table}: {done:,} of {total:,} source rows ({done / total:.0%}), "
-                    f"{done / max(elapsed, 1e-9):,.0f}/s")
+                done, now = offset + count, time.monotonic()
+                if done == total or now - said >= PROGRESS_SECONDS:
+                    said = now
+                    say(f"  {table}: {done:,} of {total:,} source rows ({done / total:.0%}), "
+                        f"{done / max(now - table_started, 1e-9):,.0f}/s")
             outcome.seconds_per_table[table] = time.monotonic() - table_started
         outcome.seconds = time.monotonic() - started
         execute(f"CREATE TABLE IF NOT EXISTS {db}.{HISTORY_TABLE} "
@@ -429,7 +438,7 @@ def generate(target: ClickHouseTarget, history: History, say: Callable[[str], No
         execute(f"INSERT INTO {db}.{HISTORY_TABLE} (clicks, orders, days, end_day, seconds) VALUES",
                 [(history.clicks, history.orders, history.days, history.end, outcome.seconds)])
         settled = time.monotonic()
-        outcome.parts_after = settle(execute, db, say)
+        outcome.parts_after = settle(execute, db, say, settle_limit)
         outcome.settle_seconds = time.monotonic() - settled
         outcome.rows = row_counts(execute, db)
     say(f"generated in {outcome.seconds:,.0f} s: "
@@ -683,10 +692,11 @@ def server_version(target: ClickHouseTarget) -> str:
 
 
 def run_engine(target: ClickHouseTarget, history: History, runs: int, patience: float,
-               give_up: float, keep: bool, say: Callable[[str], None]) -> dict[str, Any]:
+               give_up: float, keep: bool, settle_limit: float,
+               say: Callable[[str], None]) -> dict[str, Any]:
     version = server_version(target)
     say(f"ClickHouse {version} at {target.host}:{target.port}, database {target.database}")
-    used, generation = generate(target, history, say, keep=keep)
+    used, generation = generate(target, history, say, keep=keep, settle_limit=settle_limit)
     try:
         timings = measure(target, used, runs, patience, give_up, say)
     finally:
@@ -776,7 +786,7 @@ def _met(timing: dict[str, Any] | None) -> str:
 
 
 def run(url: str, database: str, history: History, runs: int, patience: float, give_up: float,
-        keep: bool, local: bool, current: bool,
+        keep: bool, local: bool, current: bool, settle_limit: float = SETTLE_SECONDS,
         say: Callable[[str], None] = print) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "runs": runs,
                                "asked": {"clicks": history.clicks, "orders": history.orders,
@@ -784,12 +794,12 @@ def run(url: str, database: str, history: History, runs: int, patience: float, g
     if local:
         say("== the local server")
         results["local"] = run_engine(target_for(url, database), history, runs, patience,
-                                      give_up, keep, say)
+                                      give_up, keep, settle_limit, say)
     if current:
         say("== the current engine (chdb-core)")
         with current_server(keep) as server:
             results["current"] = run_engine(ClickHouseTarget(server.url(database)), history, runs,
-                                            patience, give_up, keep, say)
+                                            patience, give_up, keep, settle_limit, say)
     return results
 
 
@@ -815,6 +825,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--give-up", type=float, default=600.0,
                         help="a run still going after this long is stopped and counted as a "
                              "failure at this time (default 600 s)")
+    parser.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                        help="after generating, wait at most this long for the server's "
+                             f"background merges (default {SETTLE_SECONDS:.0f} s)")
     parser.add_argument("--keep", action="store_true",
                         help="reuse a history of the same sizes if present, and keep it")
     parser.add_argument("--current", action="store_true",
@@ -841,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{datetime.now(timezone.utc):%H:%M:%S} {line}", flush=True)
 
     results = run(url, args.database, history, args.runs, args.patience, args.give_up, args.keep,
-                  not args.skip_local, args.current, say)
+                  not args.skip_local, args.current, args.settle, say)
     print(table(results))
     text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
     print(text)
