@@ -50,7 +50,6 @@ import importlib.metadata
 import logging
 import math
 import os
-import platform
 import queue
 import re
 import shutil
@@ -84,6 +83,7 @@ from loadtests.generator import (
     plan_profile,
     sample_reference,
 )
+from loadtests.host import host_facts
 from schemas.config import INPUT_TOPICS, Config
 from schemas.events import TOPIC_OF_TYPE, Order
 from schemas.validation import (
@@ -389,20 +389,8 @@ class CpuMeter:
 
 
 def machine(stack: Stack, clickhouse_version: str) -> dict[str, Any]:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as meminfo:
-        total_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "ram_gib": round(total_kb / 1024 / 1024, 1),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **host_facts(),
         "faust_streaming": importlib.metadata.version("faust-streaming"),
         "kafka": stack.status().kafka.version,
         "clickhouse": clickhouse_version,

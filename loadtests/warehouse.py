@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import platform
 import resource
 import shutil
 import statistics
@@ -59,8 +57,9 @@ from urllib.parse import urlparse, urlunparse
 import orjson
 from clickhouse_driver import Client
 
-from loadtests.edge_load import free_port
+from deploy.processes import free_port
 from loadtests.generator import CLICK_CHANNELS
+from loadtests.host import host_facts
 from schemas.config import ClickHouseTarget, Config
 from sinks.migrate import Executor, SchemaOptions
 
@@ -737,18 +736,9 @@ def current_server(keep: bool) -> Iterator[Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as meminfo:
-        total_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
-    return {"nproc": len(os.sched_getaffinity(0)), "ram_gib": round(total_kb / 1024 / 1024, 1),
-            "cpu_model": cpu_model, "python": platform.python_version(), "commit": commit,
+    return {**host_facts(), "commit": commit,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
