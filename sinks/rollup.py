@@ -10,8 +10,11 @@ stretches of it from the sources with `FINAL` (each logical row once) and swaps 
   expire after `CLICKHOUSE_CLICKS_TTL_DAYS`) are closed: their clicks are the table's own.
 - 18.16 (no refreshable views): `refresh` rebuilds the stale months one partition each, into a
   staging table, swapped in by `REPLACE PARTITION`, and marks the month in `rollup_refreshes`
-  with the rebuild's start. A month is stale when a source part of it was written at or after
-  that start (a replay writes parts, so it is rebuilt, and FINAL collapses the replay).
+  with the rebuild's start and its sources' fingerprint: per source table, the highest block
+  number among the month's active parts. Every insert takes a new block number; a merge keeps
+  the highest of the parts it merges. So a month is stale exactly when something was written to
+  it since (a replay writes parts, so it is rebuilt, and FINAL collapses the replay), and the
+  background merges of a big backlog, which go on for many minutes, never make it stale.
 
 This module must never add rows to the rollup outside a full recompute of their month (or the
 whole table): an increment would count a replay twice.
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 TOTALS = "affiliate_channel_daily_totals"
 #: The refreshable materialized view that fills TOTALS on current servers.
 REFRESH_VIEW = "affiliate_channel_daily_totals_refresh"
-#: 18.16's record of month rebuilds: (month YYYYMM, started_at); the latest per month counts.
+#: The record of rebuilds: (month YYYYMM, started_at, sources: the fingerprint it was built
+#: from); the latest per month counts. Month 0: the refreshable view's refreshes we asked for.
 MARKS = "rollup_refreshes"
 #: The tables the rollup is computed from; all are partitioned by month (toYYYYMM of their time).
 SOURCES = ("clicks", "shares", "attributed_orders", "commission_facts")
@@ -99,25 +103,24 @@ class MonthRange:
 
 
 def stale_months(
-    source_changes: Mapping[int, int],
-    marks: Mapping[int, int],
+    sources: Mapping[int, str],
+    marks: Mapping[int, str],
     built: Iterable[int] = (),
     within: MonthRange | None = None,
 ) -> list[int]:
     """The months to rebuild, oldest first.
 
-    `source_changes`: month -> latest modification of an active source part (epoch seconds);
-    `marks`: month -> start of its latest rebuild; `built`: months the rollup has rows in.
-    A month is stale when never built, when a source part changed at or after its last rebuild's
-    start (seconds granularity: the same second counts, over-rebuilding is harmless), or when the
-    rollup has rows for it but its sources have none left (dropped partitions).
+    `sources`: month -> fingerprint of its active source parts now (`fingerprint`); `marks`:
+    month -> the fingerprint its latest rebuild was made from; `built`: months the rollup has
+    rows in. A month is stale when never built, when its sources' fingerprint changed since (an
+    insert, a replay, a partition replaced), or when the rollup has rows for it but its sources
+    have none left (dropped partitions).
     """
     stale = set()
-    for month, changed in source_changes.items():
-        started = marks.get(month)
-        if started is None or changed >= started:
+    for month, now in sources.items():
+        if marks.get(month) != now:
             stale.add(month)
-    stale.update(month for month in built if month not in source_changes)
+    stale.update(month for month in built if month not in sources)
     return sorted(month for month in stale if within is None or month in within)
 
 
@@ -286,10 +289,44 @@ def _source_changes(execute: "Executor", database: str) -> dict[int, int]:
     return changes
 
 
+def fingerprint(blocks: Mapping[str, int]) -> str:
+    """A month's sources as `table:highest block number`, sorted: equal exactly when nothing was
+    inserted into (or replaced in) the month since (merges keep the highest block number)."""
+    return ",".join(f"{table}:{number}" for table, number in sorted(blocks.items()))
+
+
+def _source_fingerprints(execute: "Executor", database: str) -> dict[int, str]:
+    tables = ", ".join(_literal(table) for table in SOURCES)
+    rows = execute(
+        f"SELECT partition, table, max(max_block_number) FROM system.parts "
+        f"WHERE database = {_literal(database)} AND table IN ({tables}) AND active "
+        f"GROUP BY partition, table"
+    )
+    blocks: dict[int, dict[str, int]] = {}
+    for partition, table, number in rows:
+        blocks.setdefault(parse_partition(str(partition)), {})[str(table)] = _int(number)
+    return {month: fingerprint(found) for month, found in blocks.items()}
+
+
+def _whole_fingerprint(fingerprints: Mapping[int, str]) -> str:
+    return ";".join(f"{month}={fingerprints[month]}" for month in sorted(fingerprints))
+
+
+def _mark_rows(execute: "Executor", database: str) -> dict[int, tuple[int, str]]:
+    rows = execute(f"SELECT month, toUnixTimestamp(max(started_at)), "
+                   f"argMax(sources, started_at) FROM {database}.{MARKS} GROUP BY month")
+    return {_int(month): (_int(started), str(sources)) for month, started, sources in rows}
+
+
 def _marks(execute: "Executor", database: str) -> dict[int, int]:
-    rows = execute(f"SELECT month, toUnixTimestamp(max(started_at)) FROM {database}.{MARKS} "
-                   f"GROUP BY month")
-    return {_int(month): _int(started) for month, started in rows}
+    """Month -> start of its latest rebuild (epoch seconds)."""
+    return {month: started for month, (started, _) in _mark_rows(execute, database).items()
+            if month}
+
+
+def _mark(execute: "Executor", database: str, month: int, started: int, sources: str) -> None:
+    execute(f"INSERT INTO {database}.{MARKS} (month, started_at, sources) "
+            f"SELECT {month}, toDateTime({started}), {_literal(sources)}")
 
 
 def _built_months(execute: "Executor", database: str) -> set[int]:
@@ -328,6 +365,7 @@ def rebuild_month(execute: "Executor", database: str, month: int) -> int:
     the mark, so its month is stale again at the next refresh.
     """
     started = _server_now(execute)
+    sources = _source_fingerprints(execute, database).get(month, "")
     staging = f"{database}.{TOTALS}_staging_{month}_{uuid.uuid4().hex[:8]}"
     execute(f"CREATE TABLE {staging} AS {database}.{TOTALS}")
     try:
@@ -337,8 +375,7 @@ def rebuild_month(execute: "Executor", database: str, month: int) -> int:
         execute(f"ALTER TABLE {database}.{TOTALS} REPLACE PARTITION {month} FROM {staging}")
     finally:
         execute(f"DROP TABLE IF EXISTS {staging}")
-    execute(f"INSERT INTO {database}.{MARKS} (month, started_at) "
-            f"SELECT {month}, toDateTime({started})")
+    _mark(execute, database, month, started, sources)
     return started
 
 
@@ -384,8 +421,8 @@ def refresh(
     """
     if has_refresh_view(execute, database):
         return RefreshResult(view_refreshed=_refresh_view(execute, database, force, progress))
-    changes = _source_changes(execute, database)
-    marks = _marks(execute, database)
+    changes = _source_fingerprints(execute, database)
+    marks = {month: sources for month, (_, sources) in _mark_rows(execute, database).items()}
     built = _built_months(execute, database)
     for name in drop_abandoned_staging(execute, database):
         progress(f"dropped {name}, left by a rebuild that did not finish")
@@ -404,7 +441,11 @@ def _refresh_view(execute: "Executor", database: str, force: bool,
                   progress: Callable[[str], None]) -> bool:
     last_start = _view_last_start(execute, database)
     changed = max(_source_changes(execute, database).values(), default=None)
+    whole = _whole_fingerprint(_source_fingerprints(execute, database))
+    recorded = _mark_rows(execute, database).get(0)
     if not force and last_start is not None:
+        if recorded is not None and recorded[1] == whole and recorded[0] <= last_start:
+            return False  # nothing inserted since a refresh we asked for (merges do not count)
         if changed is None:
             # No source rows at all: stale only if the rollup still has some.
             if not _built_months(execute, database):
@@ -422,6 +463,7 @@ def _refresh_view(execute: "Executor", database: str, force: bool,
         last_start = _view_last_start(execute, database)
         if last_start is None or last_start >= requested or changed is None or changed < last_start:
             break
+    _mark(execute, database, 0, requested, whole)
     progress(f"refreshed {REFRESH_VIEW} in {time.monotonic() - begun:.1f} s")
     return True
 

@@ -25,12 +25,15 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(day)
 ORDER BY (affiliate_id, day, channel, currency);
 
--- 18.16's month rebuilds (sinks.rollup.refresh): a row per rebuild, with the server time it began;
--- a month whose sources have a part written at or after its latest start is rebuilt again.
+-- Rebuilds (sinks.rollup.refresh): a row per rebuild, with the server time it began and the
+-- fingerprint of the sources it read (per table, the highest block number of the month's parts);
+-- a month whose sources' fingerprint differs now is rebuilt again. Month 0: refreshes of the
+-- refreshable view that a command asked for.
 CREATE TABLE IF NOT EXISTS {db}.rollup_refreshes
 (
     month       UInt32,
     started_at  DateTime('UTC'),
+    sources     String DEFAULT '',
     finished_at DateTime('UTC') DEFAULT now()
 )
 ENGINE = ReplacingMergeTree(started_at)

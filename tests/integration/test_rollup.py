@@ -461,3 +461,19 @@ def test_max_age_reads_a_recent_rollup_as_it_is_and_refreshes_an_older_one(eithe
     hour = build_report(either.client, either.database, *EVERYTHING, max_age_seconds=3600).rows
     assert sum(r.clicks for r in hour) == before  # read as it is: recomputed seconds ago
     assert sum(r.clicks for r in either.report()) == before + 1  # max-age 0: brought up to date
+
+
+def test_on_18_16_a_merge_of_a_months_parts_does_not_make_it_stale(debian: Server) -> None:
+    """A big backlog's background merges go on for minutes: if each made its month stale, every
+    report would rebuild it. Only an insert (a new block number) does."""
+    traffic = two_months()
+    debian.insert(traffic)
+    debian.insert(traffic)  # a replay: more parts to merge
+    assert debian.refresh().rebuilt == [202610, 202611]
+    for table in ("clicks", "attributed_orders", "commission_facts"):
+        debian.execute(f"OPTIMIZE TABLE {{db}}.{table} FINAL")
+    assert debian.refresh().rebuilt == []
+    more = Traffic()
+    more.click("late-click", datetime(2026, 11, 3, 9), "sally", "blog")
+    debian.insert(more)
+    assert debian.refresh().rebuilt == [202611]

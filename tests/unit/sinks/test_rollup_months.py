@@ -17,6 +17,7 @@ from sinks.rollup import (
     MonthRange,
     click_horizon_sql,
     create_refresh_view_sql,
+    fingerprint,
     format_month,
     month_of,
     month_start,
@@ -67,37 +68,47 @@ def test_a_month_range_of_days_holds_the_months_they_touch() -> None:
 
 
 def test_a_month_never_built_is_stale() -> None:
-    assert stale_months({202611: 100}, {}) == [202611]
+    assert stale_months({202611: "clicks:7"}, {}) == [202611]
 
 
-def test_a_source_part_written_in_the_second_the_rebuild_began_makes_it_stale_again() -> None:
-    # Seconds granularity: the part may have landed just after the rebuild's SELECT began.
-    assert stale_months({202611: 100}, {202611: 100}) == [202611]
-    assert stale_months({202611: 99}, {202611: 100}) == []
-    assert stale_months({202611: 101}, {202611: 100}) == [202611]
+def test_a_month_is_stale_exactly_when_its_sources_fingerprint_changed() -> None:
+    built_from = fingerprint({"clicks": 7, "commission_facts": 9})
+    assert stale_months({202611: built_from}, {202611: built_from}) == []
+    # an insert (a replay too) takes a new, higher block number
+    assert stale_months({202611: fingerprint({"clicks": 12, "commission_facts": 9})},
+                        {202611: built_from}) == [202611]
+    # a first row in another source table
+    assert stale_months({202611: fingerprint({"clicks": 7, "commission_facts": 9, "shares": 3})},
+                        {202611: built_from}) == [202611]
+
+
+def test_merges_leave_the_fingerprint_as_it_was() -> None:
+    # parts [1..3] and [4..7] merged into [1..7]: the highest block number is still 7
+    before = {"clicks": max(3, 7)}
+    after = {"clicks": 7}
+    assert fingerprint(before) == fingerprint(after) == "clicks:7"
 
 
 def test_a_month_whose_sources_are_gone_is_rebuilt_to_empty() -> None:
-    assert stale_months({}, {202610: 100}, built={202610}) == [202610]
+    assert stale_months({}, {202610: "clicks:1"}, built={202610}) == [202610]
     # Once rebuilt empty it has no rows and no sources: nothing to do.
-    assert stale_months({}, {202610: 100}, built=set()) == []
+    assert stale_months({}, {202610: "clicks:1"}, built=set()) == []
 
 
 def test_only_months_within_the_range_are_rebuilt() -> None:
-    changes = {202609: 300, 202610: 300, 202611: 300}
+    changes = {202609: "clicks:3", 202610: "clicks:3", 202611: "clicks:3"}
     assert stale_months(changes, {}, within=MonthRange(202610, 202611)) == [202610, 202611]
 
 
-@given(st.dictionaries(months, st.integers(0, 10**9)), st.dictionaries(months, st.integers(0, 10**9)))
-def test_a_month_is_never_left_stale_a_source_changed_after_its_rebuild_began(
-    changes: dict[int, int], marks: dict[int, int],
+@given(st.dictionaries(months, st.integers(0, 50)), st.dictionaries(months, st.integers(0, 50)))
+def test_a_month_is_rebuilt_when_and_only_when_its_sources_differ_from_its_last_rebuild(
+    now: dict[int, int], then: dict[int, int],
 ) -> None:
+    changes = {m: fingerprint({"clicks": n}) for m, n in now.items()}
+    marks = {m: fingerprint({"clicks": n}) for m, n in then.items()}
     stale = set(stale_months(changes, marks))
-    for month, changed in changes.items():
-        if month not in marks or changed >= marks[month]:
-            assert month in stale
-        else:
-            assert month not in stale
+    for month, number in now.items():
+        assert (month in stale) == (then.get(month) != number)
     assert stale <= set(changes)
     assert sorted(stale) == stale_months(changes, marks)
 
