@@ -146,11 +146,15 @@ def _age(elapsed: timedelta) -> str:
 
 def _merge_currencyless(rows: dict[tuple[str, str, str], ReportRow]) -> list[ReportRow]:
     """Clicks and shares carry no currency: fold them into the pair's only money row, if one."""
+    money: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for key in rows:
+        if key[2] != "":
+            money.setdefault(key[:2], []).append(key)
     merged: dict[tuple[str, str, str], ReportRow] = {}
     for key, row in sorted(rows.items()):
         affiliate, channel, currency = key
         if currency == "":
-            money_rows = [k for k in rows if k[:2] == (affiliate, channel) and k[2] != ""]
+            money_rows = money.get((affiliate, channel), [])
             if len(money_rows) == 1:
                 target = rows[money_rows[0]]
                 target.clicks += row.clicks
