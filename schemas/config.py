@@ -162,7 +162,7 @@ class Config(BaseSettings):
                                             validation_alias="CLICKHOUSE_CLICKS_TTL_DAYS")
     clickhouse_pii_ttl_days: int = Field(400, ge=0, le=36_500,
                                          validation_alias="CLICKHOUSE_PII_TTL_DAYS")
-    rollup_refresh_seconds: int = Field(60, ge=1, le=86_400, validation_alias="ROLLUP_REFRESH_SECONDS")
+    rollup_refresh_seconds: int = Field(300, ge=1, le=86_400, validation_alias="ROLLUP_REFRESH_SECONDS")
 
     # Project settings beyond the contract.
     partitions: int = Field(8, ge=1, le=1024, validation_alias="ATTRIBUTION_PARTITIONS")

@@ -113,7 +113,7 @@ class SchemaOptions:
     #: their row's `ts`; money and attribution stay.
     pii_ttl_days: int = 400
     #: How often current servers refresh the rollup (its refreshable materialized view).
-    rollup_refresh_seconds: int = 60
+    rollup_refresh_seconds: int = 300
 
     @classmethod
     def from_config(cls, config: "Config") -> "SchemaOptions":
