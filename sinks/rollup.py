@@ -275,37 +275,36 @@ class RefreshResult:
     view_refreshed: bool = False
 
 
-def _source_changes(execute: "Executor", database: str) -> dict[int, int]:
-    tables = ", ".join(_literal(table) for table in SOURCES)
-    rows = execute(
-        f"SELECT partition, toUnixTimestamp(max(modification_time)) FROM system.parts "
-        f"WHERE database = {_literal(database)} AND table IN ({tables}) AND active "
-        f"GROUP BY partition"
-    )
-    changes: dict[int, int] = {}
-    for partition, changed in rows:
-        month = parse_partition(str(partition))
-        changes[month] = max(changes.get(month, 0), _int(changed))
-    return changes
-
-
 def fingerprint(blocks: Mapping[str, int]) -> str:
     """A month's sources as `table:highest block number`, sorted: equal exactly when nothing was
     inserted into (or replaced in) the month since (merges keep the highest block number)."""
     return ",".join(f"{table}:{number}" for table, number in sorted(blocks.items()))
 
 
-def _source_fingerprints(execute: "Executor", database: str) -> dict[int, str]:
+def _source_parts(execute: "Executor", database: str) -> tuple[dict[int, str], dict[int, int]]:
+    """Per month of the sources' active parts: its fingerprint, and its parts' latest
+    modification (epoch seconds), from one read of `system.parts`."""
     tables = ", ".join(_literal(table) for table in SOURCES)
     rows = execute(
-        f"SELECT partition, table, max(max_block_number) FROM system.parts "
-        f"WHERE database = {_literal(database)} AND table IN ({tables}) AND active "
-        f"GROUP BY partition, table"
+        f"SELECT partition, table, max(max_block_number), toUnixTimestamp(max(modification_time)) "
+        f"FROM system.parts WHERE database = {_literal(database)} AND table IN ({tables}) "
+        f"AND active GROUP BY partition, table"
     )
     blocks: dict[int, dict[str, int]] = {}
-    for partition, table, number in rows:
-        blocks.setdefault(parse_partition(str(partition)), {})[str(table)] = _int(number)
-    return {month: fingerprint(found) for month, found in blocks.items()}
+    changes: dict[int, int] = {}
+    for partition, table, number, changed in rows:
+        month = parse_partition(str(partition))
+        blocks.setdefault(month, {})[str(table)] = _int(number)
+        changes[month] = max(changes.get(month, 0), _int(changed))
+    return {month: fingerprint(found) for month, found in blocks.items()}, changes
+
+
+def _source_changes(execute: "Executor", database: str) -> dict[int, int]:
+    return _source_parts(execute, database)[1]
+
+
+def _source_fingerprints(execute: "Executor", database: str) -> dict[int, str]:
+    return _source_parts(execute, database)[0]
 
 
 def _whole_fingerprint(fingerprints: Mapping[int, str]) -> str:
@@ -440,8 +439,9 @@ def refresh(
 def _refresh_view(execute: "Executor", database: str, force: bool,
                   progress: Callable[[str], None]) -> bool:
     last_start = _view_last_start(execute, database)
-    changed = max(_source_changes(execute, database).values(), default=None)
-    whole = _whole_fingerprint(_source_fingerprints(execute, database))
+    fingerprints, changes = _source_parts(execute, database)
+    changed = max(changes.values(), default=None)
+    whole = _whole_fingerprint(fingerprints)
     recorded = _mark_rows(execute, database).get(0)
     if not force and last_start is not None:
         if recorded is not None and recorded[1] == whole and recorded[0] <= last_start:

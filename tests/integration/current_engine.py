@@ -40,11 +40,8 @@ def current_clickhouse(current_server: CurrentClickHouse) -> ClickHouseTarget:
     return ClickHouseTarget(current_server.url("attribution"))
 
 
-@pytest.fixture
-def current_target(current_server: CurrentClickHouse) -> Iterator[ClickHouseTarget]:
-    """A database of this test's own on the current server (not created), dropped after it."""
-    target = ClickHouseTarget(current_server.url(f"t_{uuid.uuid4().hex[:10]}"))
-    yield target
+def drop_database(target: ClickHouseTarget) -> None:
+    """Drop a test's database (if it was made)."""
     from sinks.clickhouse import connect
 
     client = connect(target, with_database=False)
@@ -52,6 +49,14 @@ def current_target(current_server: CurrentClickHouse) -> Iterator[ClickHouseTarg
         client.execute(f"DROP DATABASE IF EXISTS {target.database}")
     finally:
         client.disconnect()
+
+
+@pytest.fixture
+def current_target(current_server: CurrentClickHouse) -> Iterator[ClickHouseTarget]:
+    """A database of this test's own on the current server (not created), dropped after it."""
+    target = ClickHouseTarget(current_server.url(f"t_{uuid.uuid4().hex[:10]}"))
+    yield target
+    drop_database(target)
 
 
 @pytest.fixture
@@ -62,7 +67,6 @@ def debian_target(request: pytest.FixtureRequest) -> Iterator[ClickHouseTarget]:
     is not running, so a broker held down on purpose elsewhere is left alone.
     """
     from deploy.stack import Stack
-    from sinks.clickhouse import connect
 
     local = Stack()
     if not local.status().clickhouse.running:
@@ -70,11 +74,7 @@ def debian_target(request: pytest.FixtureRequest) -> Iterator[ClickHouseTarget]:
     target = ClickHouseTarget(
         f"clickhouse://default@{local.clickhouse_address}/t_{uuid.uuid4().hex[:10]}")
     yield target
-    client = connect(target, with_database=False)
-    try:
-        client.execute(f"DROP DATABASE IF EXISTS {target.database}")
-    finally:
-        client.disconnect()
+    drop_database(target)
 
 
 @pytest.fixture(params=["debian_18_16", "current"])
